@@ -1,0 +1,299 @@
+"""Typed, frozen run configuration: YAML presets plus ``section.key=value`` overrides.
+
+A run is described by one :class:`Config` made of small frozen dataclasses (model, data, train,
+optim, mesh, ckpt). Presets live in ``configs/*.yaml``; any field can be overridden on the command
+line with MaxText-style ``section.key=value`` arguments whose values are parsed as YAML scalars.
+Unknown keys and wrong types are :class:`ConfigError` (one line, naming the key and the fix), so a
+typo never silently trains the wrong model. The resolved config is written next to checkpoints
+(:func:`to_yaml`) and read back on resume.
+
+Example::
+
+    from jaxlm.config import load_config
+    cfg = load_config("configs/shakespeare.yaml", ["train.steps=100", "model.n_layers=2"])
+    cfg.model.n_layers  # -> 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the CLI prints it as one ``error: ...`` line."""
+
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEFAULT_CORPUS = os.path.join(ASSETS, "tinyshakespeare", "input.txt")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0 = the tokenizer's vocabulary size; larger pads the embedding
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = same as n_heads (no GQA)
+    d_ff: int = 1024  # SwiGLU hidden width
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention: str = "softmax"  # attention variant (the linear-attention family plugs in here)
+    attn_impl: str = "reference"  # reference (einsum) | fused (jax.nn.dot_product_attention)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params always float32)
+    remat: str = "none"  # none | full | save_dots
+    scan_layers: bool = True
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # a text file; "" = the bundled tinyshakespeare
+    val_path: str = ""  # separate validation file; "" = split off val_fraction of `path`
+    val_fraction: float = 0.1
+    seq_len: int = 256
+    tokenizer: str = "byte"  # byte | gpt2 | sentencepiece
+    tokenizer_path: str = ""  # gpt2: dir with vocab.json+merges.txt; sentencepiece: .model ("" = bundled)
+    mode: str = "concat"  # concat (bucketing/packing modes plug in here)
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    stop_at: int = 0  # end this run early at this step (0 = run to `steps`); schedule still spans `steps`
+    batch_size: int = 32  # global sequences per optimizer step
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of lr
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
+    z_loss: float = 0.0  # coefficient of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
+    log_every: int = 10
+    eval_every: int = 200  # 0 = only at the end
+    eval_batches: int = 8
+    sample_tokens: int = 200  # tokens sampled at the end of jaxlm-train (0 = none)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    wd_norms: bool = False  # apply weight decay to norm gains too
+    wd_embeddings: bool = False  # apply weight decay to embeddings / output head too
+    grad_clip: float = 1.0  # global-norm clip (0 = off)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1 = fill with the remaining devices
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class CkptConfig:
+    every: int = 500  # save every N steps (0 = only at the end)
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    out_dir: str = "out/run"
+    seed: int = 0
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = measure with a matmul probe
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+
+def _coerce(key: str, value, typ):
+    """Check/convert one leaf value against its annotated type (int, float, bool, str)."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}' (valid keys: {', '.join(sorted(names))})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, typ)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict:
+    """``["train.steps=10", "model.dtype=bfloat16"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"bad override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"bad value for {key}: {raw!r} ({e.__class__.__name__})") from None
+        _set_path(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"invalid YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    return validate(_build(Config, data))
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and dotted overrides."""
+    data = read_yaml(path) if path else {}
+    return from_dict(_merge(data, parse_overrides(overrides)))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: Config, **sections) -> Config:
+    """``replace(cfg, train={"steps": 5})`` -> a new Config with those fields changed."""
+    return from_dict(_merge(to_dict(cfg), sections))
+
+
+_CHOICES = {
+    "model.attention": ("softmax",),
+    "model.attn_impl": ("reference", "fused"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "save_dots"),
+    "data.tokenizer": ("byte", "gpt2", "sentencepiece"),
+    "data.mode": ("concat",),
+    "train.schedule": ("cosine", "wsd", "constant"),
+    "optim.name": ("adamw",),
+}
+
+
+def register_choice(key: str, value: str) -> None:
+    """Let a plug-in (attention variant, optimizer, data mode) extend a validated choice list."""
+    if value not in _CHOICES[key]:
+        _CHOICES[key] = _CHOICES[key] + (value,)
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express. Raises ConfigError."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    m, t = cfg.model, cfg.train
+    positive = {"model.d_model": m.d_model, "model.n_layers": m.n_layers,
+                "model.n_heads": m.n_heads, "model.d_ff": m.d_ff,
+                "data.seq_len": cfg.data.seq_len,
+                "train.steps": t.steps, "train.batch_size": t.batch_size,
+                "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+                "ckpt.keep": cfg.ckpt.keep}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if m.vocab_size < 0:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 0 (0 = from tokenizer)")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"head dim d_model/n_heads={m.head_dim} must be even for RoPE")
+    if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    if not 0 <= t.stop_at <= t.steps:
+        raise ConfigError(f"train.stop_at={t.stop_at} must be in [0, train.steps={t.steps}]")
+    if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+    if t.warmup_steps < 0:  # warmup longer than the run is clamped by the schedule
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh sizes {sizes}: each must be positive, at most one may be -1 (fill)")
+    return cfg
