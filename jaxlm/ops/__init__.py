@@ -1,0 +1,9 @@
+"""Pure array math (no Flax): attention, RoPE, norms/MLP, losses. Modules in jaxlm.model call these."""
+
+from jaxlm.ops.attention import attention, attention_reference, make_mask
+from jaxlm.ops.layers import rms_norm, swiglu
+from jaxlm.ops.losses import bits_per_byte, masked_loss, token_nll
+from jaxlm.ops.rope import apply_rope, rope_angles
+
+__all__ = ["attention", "attention_reference", "make_mask", "rms_norm", "swiglu", "masked_loss",
+           "token_nll", "bits_per_byte", "apply_rope", "rope_angles"]

@@ -1,0 +1,136 @@
+"""Thin Flax NNX parameter holders for the LLaMA block; all math is in :mod:`jaxlm.ops`.
+
+Every ``nnx.Param`` carries logical axis names (``sharding_names``) that :mod:`jaxlm.sharding`
+maps to mesh axes. ``eager_sharding=False`` keeps construction mesh-free: shardings are applied by
+the jitted init in :mod:`jaxlm.train.state`, so full weights never land on one device.
+
+Block (pre-norm, Touvron et al. 2023 LLaMA §2.2):
+    h = x + Attn(RMSNorm(x));   y = h + SwiGLU(RMSNorm(h))
+
+The attention variant is chosen by ``model.attention`` through :data:`ATTENTION`; a new variant
+registers a class with the same interface (``__call__(x, positions, segment_ids, cache)`` ->
+``(y, cache)`` and ``init_cache(batch, max_len, dtype)``) via :func:`register_attention`.
+
+Example::
+
+    from flax import nnx
+    from jaxlm.config import ModelConfig
+    from jaxlm.model.layers import Block
+    blk = Block(ModelConfig(d_model=64, n_heads=4, d_ff=128), rngs=nnx.Rngs(0))
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm import ops
+from jaxlm.config import ModelConfig, register_choice
+from jaxlm.sharding import shard
+
+
+def param(rngs, shape, names, std):
+    """A float32 normal(0, std) parameter with logical axis names (ones when std is None)."""
+    value = (jnp.ones(shape, jnp.float32) if std is None
+             else std * jax.random.normal(rngs.params(), shape, jnp.float32))
+    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """y = x · W contracting the trailing ``len(in_shape)`` dims of x with W's leading dims.
+
+    The one matmul holder of the model (the seam where a low-rank or sparse weight plugs in).
+    """
+
+    def __init__(self, in_shape, out_shape, names, *, std, rngs):
+        self.n_in = len(in_shape)
+        self.kernel = param(rngs, tuple(in_shape) + tuple(out_shape), names, std)
+
+    def __call__(self, x):
+        w = self.kernel[...].astype(x.dtype)
+        dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
+        return jax.lax.dot_general(x, w, dims)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), sharding_names=("norm",),
+                               eager_sharding=False)
+
+    def __call__(self, x):
+        return ops.rms_norm(x, self.scale[...], self.eps)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: W_gate, W_up [D_fsdp, F_tensor] (column-parallel), W_down [F_tensor, D_fsdp]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs):
+        d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
+        out_std = std / (2 * cfg.n_layers) ** 0.5  # GPT-2 scaled init of residual outputs
+        self.w_gate = Dense((d,), (f,), ("embed", "mlp"), std=std, rngs=rngs)
+        self.w_up = Dense((d,), (f,), ("embed", "mlp"), std=std, rngs=rngs)
+        self.w_down = Dense((f,), (d,), ("mlp", "embed"), std=out_std, rngs=rngs)
+
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class SoftmaxAttention(nnx.Module):
+    """GQA softmax attention with RoPE; W_q[D_fsdp, H_tensor, K], W_o[H_tensor, K, D_fsdp]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs, layer: int = 0):
+        d, h, kv, hd, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
+        self.theta, self.impl = cfg.rope_theta, cfg.attn_impl
+        self.wq = Dense((d,), (h, hd), ("embed", "heads", "head_dim"), std=std, rngs=rngs)
+        self.wk = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), std=std, rngs=rngs)
+        self.wv = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), std=std, rngs=rngs)
+        self.wo = Dense((h, hd), (d,), ("heads", "head_dim", "embed"),
+                        std=std / (2 * cfg.n_layers) ** 0.5, rngs=rngs)
+        self.kv_shape = (kv, hd)
+
+    def init_cache(self, batch: int, max_len: int, dtype):
+        shape = (batch, max_len) + self.kv_shape  # [B, S, KV, K]
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None):
+        q = ops.apply_rope(self.wq(x), positions, self.theta)  # [B, T, H, K]
+        k = ops.apply_rope(self.wk(x), positions, self.theta)  # [B, T, KV, K]
+        v = self.wv(x)  # [B, T, KV, K]
+        if cache is None:
+            o = ops.attention(q, k, v, segment_ids, impl=self.impl)
+        else:  # write the T new keys at cache_index, attend over the whole (masked) cache
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                        cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                        cache_index, axis=1)
+            cache = {"k": k_all, "v": v_all}
+            b, s = k_all.shape[:2]
+            kv_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+            mask = ops.make_mask(positions, kv_pos)  # [B, T, S]: causal over the filled prefix
+            o = ops.attention_reference(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        return self.wo(o), cache
+
+
+ATTENTION: dict[str, type] = {"softmax": SoftmaxAttention}
+
+
+def register_attention(name: str, cls: type) -> None:
+    """Add an attention variant selectable as ``model.attention=<name>``."""
+    ATTENTION[name] = cls
+    register_choice("model.attention", name)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs, layer: int = 0):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = ATTENTION[cfg.attention](cfg, rngs=rngs, layer=layer)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None):
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return shard(x, ("batch", "seq", "act_embed")), cache
