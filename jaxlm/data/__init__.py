@@ -1,0 +1,33 @@
+"""Data layer: tokenizers (byte, GPT-2 BPE, SentencePiece) and grain batch pipelines.
+
+Example::
+
+    from jaxlm.config import DataConfig
+    from jaxlm.data import make_data_source
+    src = make_data_source(DataConfig(seq_len=64, tokenizer="gpt2"))
+    it = src.train_iterator(batch_size=8, seed=0)   # infinite; it.get_state() checkpoints it
+    batch = next(it)                                # dict of [8, 64] numpy arrays
+"""
+
+from jaxlm.data.pipeline import (
+    BATCH_KEYS,
+    ConcatDataSource,
+    DataSource,
+    Windows,
+    make_data_source,
+    read_text,
+    register_data_mode,
+)
+from jaxlm.data.tokenizer import (
+    ByteTokenizer,
+    GPT2Tokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    get_tokenizer,
+)
+
+__all__ = [
+    "BATCH_KEYS", "ByteTokenizer", "ConcatDataSource", "DataSource", "GPT2Tokenizer",
+    "SentencePieceTokenizer", "Tokenizer", "Windows", "get_tokenizer", "make_data_source",
+    "read_text", "register_data_mode",
+]

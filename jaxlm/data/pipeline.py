@@ -1,0 +1,209 @@
+"""Data sources: text file -> tokens -> fixed-shape training batches through a grain pipeline.
+
+A batch is a dict of numpy arrays, each of shape [local_batch, seq_len]:
+
+- ``inputs`` / ``targets`` int32: targets are the next tokens (``targets[:, t] == inputs[:, t+1]``);
+- ``positions`` int32 (RoPE positions) and ``segment_ids`` int32 (>= 1 real token, 0 padding);
+- ``loss_mask`` float32: 1 where the target counts;
+- ``target_bytes`` int32: ``tokenizer.token_bytes[targets] * loss_mask``, for exact bits-per-byte.
+
+Mode ``concat`` (concat-and-chunk, nanoGPT style): the whole file is one token stream, cut into
+windows of ``seq_len + 1`` tokens taken with stride ``seq_len``. Neighbouring windows overlap by one
+token, so every token after the first is a target exactly once per epoch and nothing is dropped
+except the tail shorter than a window. Validation is ``data.val_path`` if set, else the last
+``val_fraction`` of the tokens of ``data.path``.
+
+Other modes (packing, dataset decomposition) plug in with ``register_data_mode(name, builder)``;
+a builder maps a DataConfig to any object that follows the :class:`DataSource` protocol.
+
+Training iterator (grain): source(windows) -> this process's shard
+``[process_index::process_count]`` -> shuffle(seed) -> repeat(None) (reshuffled each epoch) ->
+batch(local) -> iterator. Rows are built lazily, so a process only materialises its own rows. The
+iterator state is tiny (``{'next_index': k}``) and checkpoints with ``it.get_state()/set_state()``
+or orbax ``grain.checkpoint.CheckpointSave/CheckpointRestore``.
+
+Example::
+
+    from jaxlm.config import DataConfig
+    from jaxlm.data import make_data_source
+    src = make_data_source(DataConfig(seq_len=64))          # bundled tinyshakespeare, bytes
+    batch = next(src.train_iterator(batch_size=8))          # batch["inputs"].shape == (8, 64)
+    val = src.eval_batches(batch_size=8, num_batches=2)     # same two batches on every call
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Protocol
+
+import grain
+import numpy as np
+
+from jaxlm.config import DEFAULT_CORPUS, ConfigError, DataConfig, register_choice
+from jaxlm.data.tokenizer import Tokenizer, get_tokenizer
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask", "target_bytes")
+
+
+class DataSource(Protocol):
+    """What the training loop uses. Batch sizes are global; each process gets its local part."""
+
+    tokenizer: Tokenizer
+
+    def train_iterator(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                       seed: int = 0) -> grain.DatasetIterator:
+        """Infinite, checkpointable iterator of batches of batch_size // process_count rows."""
+        ...
+
+    def eval_batches(self, *, batch_size: int, num_batches: int, process_index: int = 0,
+                     process_count: int = 1) -> list[dict]:
+        """The same local validation batches on every call."""
+        ...
+
+
+def read_text(path: str, what: str = "data.path") -> str:
+    """Read a UTF-8 text file; missing / empty / undecodable -> one-line ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what}: file not found: {path} (point {what} at a UTF-8 text file)")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw:
+        raise ConfigError(f"{what}: file is empty: {path} (point {what} at a non-empty text file)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}: {path} is not valid UTF-8 (bad byte at offset {e.start}); "
+                          "convert it with e.g. `iconv -t utf-8`") from None
+
+
+class Windows:
+    """Random-access rows over a token stream: row i = tokens[i*L : i*L + L + 1] as a batch row.
+
+    Picklable and lazy (grain calls ``__getitem__`` only for the rows it needs).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray):
+        self.tokens = np.asarray(tokens, np.int32)  # [n_tokens]
+        self.seq_len = seq_len
+        self.token_bytes = token_bytes  # [vocab] int32
+        self._positions = np.arange(seq_len, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range [0, {len(self)})")
+        L = self.seq_len
+        w = self.tokens[i * L: i * L + L + 1]  # [L+1]
+        return {
+            "inputs": w[:-1].copy(),
+            "targets": w[1:].copy(),
+            "positions": self._positions.copy(),
+            "segment_ids": np.ones(L, np.int32),
+            "loss_mask": np.ones(L, np.float32),
+            "target_bytes": self.token_bytes[w[1:]],
+        }
+
+
+def pad_row(seq_len: int) -> dict:
+    """An all-padding row: segment_ids 0, loss_mask 0, target_bytes 0."""
+    return {k: np.zeros(seq_len, np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
+
+
+def local_batch_size(batch_size: int, process_count: int) -> int:
+    if batch_size <= 0 or process_count <= 0 or batch_size % process_count:
+        raise ConfigError(f"batch size {batch_size} must be a positive multiple of the process "
+                          f"count {process_count} (change train.batch_size)")
+    return batch_size // process_count
+
+
+def train_iterator_from_rows(rows, *, batch_size: int, process_index: int, process_count: int,
+                             seed: int, shuffle: bool) -> grain.DatasetIterator:
+    """The shared grain pipeline: shard -> shuffle -> repeat forever -> batch -> iterator."""
+    local = local_batch_size(batch_size, process_count)
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
+    ds = grain.MapDataset.source(rows)[process_index::process_count]
+    if len(ds) == 0:
+        raise ConfigError(f"the train split has {len(rows)} windows, too few for "
+                          f"{process_count} processes (use more data or a smaller data.seq_len)")
+    if shuffle:
+        ds = ds.shuffle(seed)
+    ds = ds.repeat(None).batch(local, drop_remainder=True)
+    # Small thread pool and buffer: batches are cheap slices, and a deep buffer only costs memory.
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+    return iter(ds.to_iter_dataset(read))
+
+
+class ConcatDataSource:
+    """Concat-and-chunk over one text file (see the module docstring)."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.tokenizer = get_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
+        path = cfg.path or DEFAULT_CORPUS
+        tokens = self.tokenizer.encode(read_text(path, "data.path"))  # [n] int32
+        if cfg.val_path:
+            train = tokens
+            val = self.tokenizer.encode(read_text(cfg.val_path, "data.val_path"))
+        else:  # nanoGPT split: first (1 - val_fraction) of the tokens train, the rest val
+            n_train = int(len(tokens) * (1 - cfg.val_fraction))
+            train, val = tokens[:n_train], tokens[n_train:]
+        tb = self.tokenizer.token_bytes
+        self.train_rows = Windows(train, cfg.seq_len, tb)
+        self.val_rows = Windows(val, cfg.seq_len, tb)
+        for split, rows in (("train", self.train_rows), ("val", self.val_rows)):
+            if len(rows) == 0:
+                raise ConfigError(
+                    f"{split} split has {len(rows.tokens)} tokens but data.seq_len={cfg.seq_len} "
+                    f"needs at least {cfg.seq_len + 1} (use more text or a smaller data.seq_len)")
+
+    def train_iterator(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                       seed: int = 0) -> grain.DatasetIterator:
+        return train_iterator_from_rows(
+            self.train_rows, batch_size=batch_size, process_index=process_index,
+            process_count=process_count, seed=seed, shuffle=self.cfg.shuffle)
+
+    def eval_batches(self, *, batch_size: int, num_batches: int, process_index: int = 0,
+                     process_count: int = 1) -> list[dict]:
+        return eval_batches_from_rows(self.val_rows, batch_size=batch_size, num_batches=num_batches,
+                                      process_index=process_index, process_count=process_count)
+
+
+def eval_batches_from_rows(rows, *, batch_size: int, num_batches: int, process_index: int,
+                           process_count: int) -> list[dict]:
+    """The first ``num_batches`` global batches of ``rows`` in order, never wrapping around.
+
+    Global batch b holds rows [b*B, (b+1)*B); process p gets the contiguous block
+    [b*B + p*local, b*B + (p+1)*local), so the global batch is the process batches concatenated
+    in process order and the evaluated rows do not depend on process_count. If the split is
+    short there are fewer batches, and the last one is padded with rows whose loss_mask is 0:
+    every val window counts exactly once, with a fixed batch shape (no recompile). Average the
+    loss as sum(loss * loss_mask) / sum(loss_mask) over all processes.
+    """
+    local = local_batch_size(batch_size, process_count)
+    n = len(rows)
+    n_batches = min(num_batches, -(-n // batch_size))
+    out = []
+    for b in range(n_batches):
+        start = b * batch_size + process_index * local
+        items = [rows[i] if i < n else pad_row(rows.seq_len) for i in range(start, start + local)]
+        out.append({k: np.stack([it[k] for it in items]) for k in BATCH_KEYS})  # [local, L]
+    return out
+
+
+_MODES: dict[str, Callable[[DataConfig], DataSource]] = {"concat": ConcatDataSource}
+
+
+def register_data_mode(name: str, builder: Callable[[DataConfig], DataSource]) -> None:
+    """Add a data mode ``builder(cfg) -> DataSource`` and allow ``data.mode=name`` in configs."""
+    _MODES[name] = builder
+    register_choice("data.mode", name)
+
+
+def make_data_source(cfg: DataConfig) -> DataSource:
+    """Build the data source for ``cfg.mode`` (tokenizes the corpus now). Raises ConfigError."""
+    if cfg.mode not in _MODES:
+        raise ConfigError(f"data.mode={cfg.mode!r} is not one of: {', '.join(sorted(_MODES))}")
+    return _MODES[cfg.mode](cfg)
