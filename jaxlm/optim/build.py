@@ -1,0 +1,121 @@
+"""Optimizer factory: ``cfg.optim.name`` -> an ``optax.GradientTransformation``, via a registry.
+
+``adamw`` is AdamW with decoupled weight decay (Loshchilov & Hutter 2019, Alg. 2), preceded by
+global-norm gradient clipping (``optim.grad_clip > 0``). With ``g`` the (clipped) gradient,
+``t`` the 1-based update number and ``lr_t`` the scheduled learning rate
+(:func:`~jaxlm.optim.schedules.make_schedule`)::
+
+    m_t = b1 * m_{t-1} + (1 - b1) * g          v_t = b2 * v_{t-1} + (1 - b2) * g**2
+    m^  = m_t / (1 - b1**t)                     v^  = v_t / (1 - b2**t)
+    p_t = p_{t-1} - lr_t * (m^ / (sqrt(v^) + eps) + wd * mask * p_{t-1})
+
+This is optax's (and PyTorch's) convention: the decay is multiplied by the scheduled ``lr_t``,
+i.e. Alg. 2 with its ``alpha * eta_t`` folded into ``lr_t`` and ``lambda = wd``. The weight-decay
+mask (:func:`decay_mask`) is a pure function of parameter *paths*, never of shapes: norm gains
+(last key ``scale``), biases, and embeddings / output head (any key containing ``embed`` or
+``lm_head``) are not decayed unless ``optim.wd_norms`` / ``optim.wd_embeddings`` say so.
+Stacked (scanned) layers carry a leading ``[n_layers]`` axis, which is why ndim is not used.
+
+Plug-ins add optimizers with :func:`register_optimizer` (which also extends the validated
+``optim.name`` choices); a builder takes the full :class:`~jaxlm.config.Config`.
+
+Example::
+
+    import jax.numpy as jnp
+    from jaxlm.config import Config
+    from jaxlm.optim import build_optimizer, lr_at
+    tx = build_optimizer(Config())
+    params = {"blocks": {"mlp": {"w_gate": {"kernel": jnp.ones((2, 4, 8))}}},
+              "final_norm": {"scale": jnp.ones(4)}}
+    opt_state = tx.init(params)
+    updates, opt_state = tx.update(params, opt_state, params)  # grads, state, params
+    lr_at(Config(), 0)  # learning rate of the first update
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import optax
+from flax import nnx
+
+from jaxlm.config import Config, ConfigError, OptimConfig, register_choice
+from jaxlm.optim.schedules import make_schedule
+
+OptimizerBuilder = Callable[[Config], optax.GradientTransformation]
+OPTIMIZERS: dict[str, OptimizerBuilder] = {}
+
+
+def register_optimizer(name: str, builder: OptimizerBuilder) -> None:
+    """Make ``optim.name=<name>`` build ``builder(cfg)``; also accepted by config validation."""
+    OPTIMIZERS[name] = builder
+    register_choice("optim.name", name)
+
+
+def build_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """The optimizer named by ``cfg.optim.name`` (raises ConfigError if it is not registered)."""
+    builder = OPTIMIZERS.get(cfg.optim.name)
+    if builder is None:
+        raise ConfigError(f"optim.name={cfg.optim.name!r} is not a registered optimizer "
+                          f"(available: {', '.join(sorted(OPTIMIZERS))})")
+    return builder(cfg)
+
+
+def lr_at(cfg: Config, step) -> float:
+    """Learning rate of the update with 0-based index ``step`` (optax's count before it runs)."""
+    return float(make_schedule(cfg.train)(step))
+
+
+def _key_name(key) -> str:
+    """One path entry (DictKey, GetAttrKey, SequenceKey, flax/str keys) as a string."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _decays(names: list[str], o: OptimConfig) -> bool:
+    last = names[-1] if names else ""
+    if last == "bias":
+        return False
+    if last == "scale":
+        return o.wd_norms
+    if any("embed" in n or "lm_head" in n for n in names):
+        return o.wd_embeddings
+    return True
+
+
+def decay_mask(params: Any, optim_cfg: OptimConfig) -> Any:
+    """Pytree of bools (same structure as ``params``): True where weight decay applies.
+
+    Works on nested dicts and on ``nnx.State`` (whose leaves are ``nnx.Variable`` nodes: the
+    decision is made per Variable and broadcast into it, so the structure matches exactly).
+    """
+    def leaf(path, x):
+        decision = _decays([_key_name(k) for k in path], optim_cfg)
+        if isinstance(x, nnx.Variable):
+            return jax.tree.map(lambda _: decision, x)
+        return decision
+
+    return jax.tree_util.tree_map_with_path(
+        leaf, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_clipping(optim_cfg: OptimConfig, tx: optax.GradientTransformation):
+    """Prefix ``tx`` with global-norm clipping when ``optim.grad_clip > 0`` (shared by builders)."""
+    if optim_cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), tx)
+    return tx
+
+
+def build_adamw(cfg: Config) -> optax.GradientTransformation:
+    o = cfg.optim
+    adamw = optax.adamw(
+        make_schedule(cfg.train), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+        mask=functools.partial(decay_mask, optim_cfg=o))
+    return with_clipping(o, adamw)
+
+
+register_optimizer("adamw", build_adamw)
