@@ -1,0 +1,229 @@
+"""``run(cfg)``: the whole training job — mesh, data, init or resume, jitted steps, metrics, eval,
+checkpoints, preemption, and a sample at the end.
+
+Data flow::
+
+    Config ─► mesh (data, fsdp, tensor) ─► StateSpec (shapes, shardings) ─► init | restore
+       └────► DataSource (grain) ─► per-process numpy batch ─► global jax.Array ─► train_step
+    every log_every: fetch metrics (one host sync) ─► metrics.jsonl / TensorBoard / tqdm
+    every eval_every: eval loss, perplexity, bits-per-byte on held-out batches
+    every ckpt.every, at stop_at/steps, and on SIGTERM/SIGINT: async orbax checkpoint
+
+A run whose ``out_dir`` already holds a checkpoint continues from it: same params, optimizer
+state, step, RNG and data-iterator position, so "stop at N/2, rerun" equals "run to N".
+
+Example::
+
+    from jaxlm.config import load_config
+    from jaxlm.train.loop import run
+    result = run(load_config("configs/tiny.yaml", ["out_dir=/tmp/jaxlm_demo"]))
+    result["eval"]["bpb"]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+
+from jaxlm.config import Config, ConfigError, to_yaml
+from jaxlm.data import make_data_source
+from jaxlm.optim import build_optimizer, make_schedule
+from jaxlm.sharding import host_to_global, make_mesh
+from jaxlm.train.checkpoint import Checkpointer, check_compatible, is_primary
+from jaxlm.train.state import StateSpec, resolve_vocab
+from jaxlm.train.step import make_eval_step, make_train_step
+from jaxlm.utils.flops import estimate_state_bytes, flops_per_token, format_bytes
+from jaxlm.utils.flops import measure_peak_flops, mfu
+from jaxlm.utils.metrics import MetricWriter
+
+log = logging.getLogger("jaxlm")
+
+
+def setup_logging() -> None:
+    level = logging.INFO if jax.process_index() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", force=True)
+    logging.getLogger("jaxlm").setLevel(level)
+    for noisy in ("absl", "orbax", "grain", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def check_batch(cfg: Config, mesh) -> None:
+    """The global batch must split evenly over micro-batches, processes and batch shards."""
+    t = cfg.train
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = t.batch_size // t.grad_accum
+    if micro % shards:
+        raise ConfigError(
+            f"micro-batch train.batch_size/train.grad_accum = {micro} is not divisible by "
+            f"mesh.data*mesh.fsdp = {shards}; change train.batch_size or the mesh")
+    if t.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the "
+                          f"{jax.process_count()} processes")
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits 0."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread (e.g. some notebook kernels)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def trim_metrics(out_dir: str, step: int) -> None:
+    """On resume, drop logged lines past the restored step (they will be logged again)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def evaluate(eval_fn, params, batches, mesh) -> dict:
+    """Sum NLL, tokens and bytes over the held-out batches -> loss, perplexity, bits-per-byte."""
+    totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+    outs = [eval_fn(params, host_to_global(b, mesh)) for b in batches]
+    for out in jax.device_get(outs):
+        for k in totals:
+            totals[k] += float(out[k])
+    loss = totals["nll_sum"] / max(totals["tokens"], 1.0)
+    bpb = totals["nll_sum"] / (math.log(2) * max(totals["bytes"], 1.0))
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bpb,
+            "tokens": int(totals["tokens"])}
+
+
+def describe(cfg: Config, mesh, spec: StateSpec) -> None:
+    t, n_dev = cfg.train, len(jax.devices())
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    mem = estimate_state_bytes(
+        spec.abstract_with_shardings()["params"], spec.abstract_with_shardings()["opt_state"])
+    log.info("devices: %d x %s (%d process%s)", n_dev, jax.devices()[0].device_kind,
+             jax.process_count(), "" if jax.process_count() == 1 else "es")
+    log.info("mesh: %s", dict(mesh.shape))
+    log.info("model: %s params (%d layers, d_model %d, %d heads / %d kv, vocab %d, %s)",
+             f"{spec.param_count():,}", cfg.model.n_layers, cfg.model.d_model,
+             cfg.model.n_heads, cfg.model.kv_heads, cfg.model.vocab_size, cfg.model.dtype)
+    log.info("batch: %d global sequences x %d tokens = %d tokens/step; %d per batch shard; "
+             "grad_accum %d", t.batch_size, cfg.data.seq_len, t.batch_size * cfg.data.seq_len,
+             t.batch_size // shards, t.grad_accum)
+    log.info("params+optimizer state: %s total, %s per device (%s, %s)",
+             format_bytes(mem.total), format_bytes(mem.per_device),
+             cfg.optim.name, f"params {format_bytes(mem.params)}")
+
+
+def run(cfg: Config) -> dict:
+    """Train per ``cfg``; returns final metrics. Raises ConfigError for user errors."""
+    if cfg.distributed:
+        jax.distributed.initialize()
+    setup_logging()
+    data = make_data_source(cfg.data)
+    cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
+    mesh = make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
+    schedule = make_schedule(cfg.train)
+    spec = StateSpec.build(cfg, mesh, build_optimizer(cfg))
+    describe(cfg, mesh, spec)
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt = Checkpointer(cfg.out_dir, cfg.ckpt)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_iter = data.train_iterator(batch_size=cfg.train.batch_size, process_index=pidx,
+                                     process_count=pcount, seed=cfg.seed)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        check_compatible(ckpt.saved_config(latest), cfg)
+        state = ckpt.restore(latest, spec.abstract_with_shardings(), train_iter)
+        log.info("resumed from %s at step %d", ckpt.dir, latest)
+        if is_primary():
+            trim_metrics(cfg.out_dir, latest)
+    else:
+        state = spec.init()
+    if is_primary():
+        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+
+    start = int(jax.device_get(state["step"]))
+    end = cfg.train.stop_at or cfg.train.steps
+    train_step, eval_step = make_train_step(spec, schedule), make_eval_step(spec)
+    eval_batches = data.eval_batches(
+        batch_size=cfg.train.batch_size // cfg.train.grad_accum,
+        num_batches=cfg.train.eval_batches, process_index=pidx, process_count=pcount)
+    peak = cfg.peak_flops or measure_peak_flops("float32" if cfg.model.dtype == "float32"
+                                                else "bfloat16", n=1024)
+    fpt = flops_per_token(cfg.model, cfg.model.vocab_size, cfg.data.seq_len)
+    writer = MetricWriter(cfg.out_dir, enabled=is_primary(), total_steps=end, initial_step=start)
+    result = {"out_dir": cfg.out_dir, "start_step": start, "step": start, "preempted": False,
+              "eval": None, "loss": None}
+
+    pending, t_last, tok_since = [], None, 0
+    with _StopFlag() as stop:
+        step = start
+        while step < end:
+            batch = host_to_global(next(train_iter), mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            if t_last is None:  # exclude compilation from throughput: start timing after step 1
+                jax.block_until_ready(metrics)
+                t_last, pending = time.perf_counter(), []
+            elif step % cfg.train.log_every == 0 or step == end:
+                fetched = jax.device_get(pending)
+                now = time.perf_counter()
+                tok_since = sum(m["tokens"] for _, m in fetched)
+                tps = tok_since / max(now - t_last, 1e-9)
+                s, m = fetched[-1]
+                line = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                        "tokens": int(m["tokens"]), "seq_len": cfg.data.seq_len,
+                        "tokens_per_s": tps, "mfu": mfu(fpt, tps, peak, len(jax.devices())),
+                        "step_time_s": (now - t_last) / len(fetched)}
+                writer.write(s, line)
+                writer.progress(s, {"loss": f"{m['loss']:.3f}", "tok/s": f"{tps:,.0f}"})
+                result["loss"] = float(m["loss"])
+                pending, t_last = [], now
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != end:
+                ev = evaluate(eval_step, state["params"], eval_batches, mesh)
+                writer.write(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
+                                    "eval_bpb": ev["bpb"]})
+                t_last = time.perf_counter()
+            if stop.signum is not None:
+                log.info("signal %d: checkpointing at step %d and exiting", stop.signum, step)
+                result["preempted"] = True
+                break
+            if ckpt.should_save(step) and step != end:
+                ckpt.save(step, state, train_iter, cfg)
+        result["step"] = step
+        if not result["preempted"] and (step > start or latest is None):
+            ev = evaluate(eval_step, state["params"], eval_batches, mesh)
+            writer.write(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
+                                "eval_bpb": ev["bpb"]})
+            log.info("step %d: eval loss %.4f  ppl %.2f  bpb %.4f", step, ev["loss"], ev["ppl"],
+                     ev["bpb"])
+            result["eval"] = ev
+        ckpt.save(step, state, train_iter, cfg)  # always leave a checkpoint at the end
+        ckpt.close()
+    writer.close()
+    result.update(state=state, spec=spec, tokenizer=data.tokenizer, cfg=cfg)
+    return result
+

@@ -1,0 +1,103 @@
+"""The train state: a plain pytree, created sharded by a jitted init.
+
+    state = {"step": int32[], "params": {...}, "opt_state": optax state, "rng": key}
+
+``params`` is the pure nested dict of the NNX model's parameters (``nnx.split`` once, here); the
+loss rebuilds the module with ``nnx.merge(graphdef, params)`` inside jit. Shardings come from the
+parameters' logical names through :data:`jaxlm.sharding.RULES`; optimizer moments take the sharding
+of the parameter they belong to (``optax.tree_map_params``), other optimizer leaves are replicated.
+The init is ``jax.jit(init, out_shardings=...)``, so each device only ever materialises its own
+shards — a model larger than one device's memory can be initialised.
+
+Example::
+
+    from jaxlm.config import load_config
+    from jaxlm.sharding import make_mesh
+    from jaxlm.optim import build_optimizer
+    from jaxlm.train.state import StateSpec
+    cfg = load_config(None, ["model.vocab_size=257", "model.n_layers=2"])
+    spec = StateSpec.build(cfg, make_mesh(cfg.mesh), build_optimizer(cfg))
+    state = spec.init()            # sharded on the mesh
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxlm.config import Config, ConfigError
+from jaxlm.model import Transformer
+from jaxlm.sharding import replicated, tree_shardings
+
+
+def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
+    """Fill ``model.vocab_size=0`` from the tokenizer; refuse a model too small for it."""
+    v = cfg.model.vocab_size
+    if v == 0:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))
+    if v < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={v} is smaller than the {cfg.data.tokenizer} tokenizer's "
+            f"{vocab_size} tokens; set model.vocab_size>={vocab_size} (or 0 = from tokenizer)")
+    return cfg
+
+
+def _make_params(model_cfg, seed: int):
+    return nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))[1].to_pure_dict()
+
+
+@dataclasses.dataclass
+class StateSpec:
+    """Everything static about the train state: graphdef, abstract shapes, shardings, init."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation
+    graphdef: nnx.GraphDef
+    logical: dict  # params' logical PartitionSpecs
+    abstract: dict  # ShapeDtypeStructs of the whole state
+    shardings: dict  # NamedShardings of the whole state
+
+    @classmethod
+    def build(cls, cfg: Config, mesh, tx) -> "StateSpec":
+        abs_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
+        graphdef, abs_state = nnx.split(abs_model)
+        logical = nnx.get_partition_spec(abs_state).to_pure_dict()
+        abs_params = abs_state.to_pure_dict()
+        param_sh = tree_shardings(logical, abs_params, mesh)
+        abs_opt = jax.eval_shape(tx.init, abs_params)
+        opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
+                                       transform_non_params=lambda _: replicated(mesh))
+        rep = replicated(mesh)
+        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_params,
+                    "opt_state": abs_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+        shardings = {"step": rep, "params": param_sh, "opt_state": opt_sh, "rng": rep}
+        return cls(cfg, mesh, tx, graphdef, logical, abstract, shardings)
+
+    def init(self) -> dict:
+        """Fresh, sharded train state (jitted: no device holds a full unsharded copy)."""
+        model_cfg, seed, tx = self.cfg.model, self.cfg.seed, self.tx
+
+        def init():
+            params = _make_params(model_cfg, seed)
+            return {"step": jnp.zeros((), jnp.int32), "params": params,
+                    "opt_state": tx.init(params), "rng": jax.random.PRNGKey(seed)}
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(init, out_shardings=self.shardings)()
+
+    def abstract_with_shardings(self) -> dict:
+        """ShapeDtypeStructs carrying the target shardings (the restore target for orbax)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract, self.shardings)
+
+    def model(self, params):
+        """Rebuild the NNX module from a params dict (inside or outside jit)."""
+        return nnx.merge(self.graphdef, params)
+
+    def param_count(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.abstract["params"]))

@@ -1,0 +1,114 @@
+"""Pure train and eval steps, compiled with ``jax.jit`` + explicit shardings + buffer donation.
+
+One optimizer step on a global batch of B sequences split into A = ``train.grad_accum``
+micro-batches (a ``lax.scan``, so memory is that of one micro-batch):
+
+    L(θ) = ( Σ_t m_t · nll_t(θ) + α Σ_t m_t · lse_t(θ)² ) / Σ_t m_t        (over all B sequences)
+    g    = Σ_a ∇L_a(θ),  L_a = the numerator restricted to micro-batch a, over the same denominator
+
+so accumulating A micro-batches gives exactly the gradient of the full batch. Micro-batch a takes
+rows a, a+A, a+2A, … so every device contributes equally to every micro-batch (no resharding).
+Metrics stay on device; the loop fetches them every ``log_every`` steps (no per-step host sync).
+
+Example (see jaxlm/train/loop.py for the full wiring)::
+
+    step_fn = make_train_step(spec, schedule)       # jitted, donates the old state
+    state, metrics = step_fn(state, batch)          # batch: dict of [B, T] global arrays
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm import ops
+from jaxlm.sharding import batch_sharding, replicated, shard
+from jaxlm.train.state import StateSpec
+
+
+def loss_fn(spec: StateSpec, params, batch, denom, z_loss: float = 0.0):
+    """Summed masked NLL (+ z-loss) of one (micro-)batch divided by ``denom`` tokens."""
+    model = spec.model(params)
+    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    nll, lse = ops.token_nll(logits, batch["targets"])  # [B, T] each, float32
+    mask = batch["loss_mask"].astype(jnp.float32)
+    nll_sum = (nll * mask).sum()
+    total = nll_sum + (z_loss * (jnp.square(lse) * mask).sum() if z_loss else 0.0)
+    return total / denom, nll_sum
+
+
+def _microbatches(batch, accum: int):
+    """[B, T] -> [A, B/A, T] taking rows a, a+A, … for micro-batch a (device-balanced)."""
+
+    def split(x):
+        b = x.shape[0]
+        x = x.reshape((b // accum, accum) + x.shape[1:])  # [B/A, A, T]
+        x = jnp.swapaxes(x, 0, 1)  # [A, B/A, T]
+        return shard(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(spec: StateSpec, schedule, state, batch):
+    cfg = spec.cfg
+    accum, z_loss = cfg.train.grad_accum, cfg.train.z_loss
+    params = state["params"]
+    denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(spec, p, b, denom, z_loss), has_aux=True)
+    if accum == 1:
+        (loss, nll_sum), grads = grad_fn(params, batch)
+    else:
+        def micro(carry, mb):
+            g_acc, l_acc, n_acc = carry
+            (l, n), g = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss, nll_sum), _ = jax.lax.scan(
+            micro, (zeros, jnp.zeros(()), jnp.zeros(())), _microbatches(batch, accum))
+    updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state, "rng": state["rng"]}
+    metrics = {"loss": loss, "nll": nll_sum / denom, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state["step"]), "tokens": denom}
+    return new_state, metrics
+
+
+def eval_step(spec: StateSpec, params, batch):
+    """Summed NLL, target-token count and target bytes of one batch (for loss / ppl / bpb)."""
+    model = spec.model(params)
+    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    nll, _ = ops.token_nll(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return {"nll_sum": (nll * mask).sum(), "tokens": mask.sum(),
+            "bytes": (batch["target_bytes"] * mask).sum()}
+
+
+def make_train_step(spec: StateSpec, schedule):
+    """jit(train_step) with the state's shardings in and out, the batch split over (data, fsdp)
+    and the old state's buffers donated (updated in place)."""
+    mesh = spec.mesh
+    fn = jax.jit(lambda s, b: train_step(spec, schedule, s, b),
+                 in_shardings=(spec.shardings, batch_sharding(mesh)),
+                 out_shardings=(spec.shardings, replicated(mesh)), donate_argnums=0)
+    return _with_mesh(fn, mesh)
+
+
+def make_eval_step(spec: StateSpec):
+    mesh = spec.mesh
+    fn = jax.jit(lambda p, b: eval_step(spec, p, b),
+                 in_shardings=(spec.shardings["params"], batch_sharding(mesh)),
+                 out_shardings=replicated(mesh))
+    return _with_mesh(fn, mesh)
+
+
+def _with_mesh(fn, mesh):
+    """Call ``fn`` with ``mesh`` active so logical activation constraints resolve."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    call.jitted = fn
+    return call
