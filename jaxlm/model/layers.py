@@ -1,6 +1,6 @@
 """Thin Flax NNX parameter holders for the LLaMA block; all math is in :mod:`jaxlm.ops`.
 
-Every ``nnx.Param`` carries logical axis names (``sharding_names``) that :mod:`jaxlm.sharding`
+Every ``nnx.Param`` carries logical axis names (``out_sharding``) that :mod:`jaxlm.sharding`
 maps to mesh axes. ``eager_sharding=False`` keeps construction mesh-free: shardings are applied by
 the jitted init in :mod:`jaxlm.train.state`, so full weights never land on one device.
 
@@ -34,7 +34,7 @@ def param(rngs, shape, names, std):
     """A float32 normal(0, std) parameter with logical axis names (ones when std is None)."""
     value = (jnp.ones(shape, jnp.float32) if std is None
              else std * jax.random.normal(rngs.params(), shape, jnp.float32))
-    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class Dense(nnx.Module):
@@ -56,7 +56,7 @@ class Dense(nnx.Module):
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), sharding_names=("norm",),
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",),
                                eager_sharding=False)
 
     def __call__(self, x):

@@ -47,7 +47,7 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
 
 
 def _make_params(model_cfg, seed: int):
-    return nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))[1])
 
 
 @dataclasses.dataclass
@@ -66,8 +66,8 @@ class StateSpec:
     def build(cls, cfg: Config, mesh, tx) -> "StateSpec":
         abs_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed)))
         graphdef, abs_state = nnx.split(abs_model)
-        logical = nnx.get_partition_spec(abs_state).to_pure_dict()
-        abs_params = abs_state.to_pure_dict()
+        logical = nnx.to_pure_dict(nnx.get_partition_spec(abs_state))
+        abs_params = nnx.to_pure_dict(abs_state)
         param_sh = tree_shardings(logical, abs_params, mesh)
         abs_opt = jax.eval_shape(tx.init, abs_params)
         opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
