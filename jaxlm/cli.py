@@ -87,7 +87,7 @@ def _sample(argv) -> int:
     text = sample_text(spec.graphdef, params, tok, a.prompt, max_new_tokens=a.max_new_tokens,
                        temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k,
                        top_p=a.top_p, seed=a.seed)
-    print(a.prompt + text)
+    print(text)
     return 0
 
 
