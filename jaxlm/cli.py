@@ -53,7 +53,7 @@ def _train(argv) -> int:
 
         text = sample_text(result["spec"].graphdef, result["state"]["params"],
                            result["tokenizer"], "", max_new_tokens=n, temperature=0.8,
-                           top_k=0, top_p=0.95, seed=0)
+                           top_k=0, top_p=0.95, seed=0, context=result["cfg"].data.seq_len)
         print("---- sample ----\n" + text + "\n----------------")
     return 0
 
@@ -86,7 +86,7 @@ def _sample(argv) -> int:
     tok = get_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
     text = sample_text(spec.graphdef, params, tok, a.prompt, max_new_tokens=a.max_new_tokens,
                        temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k,
-                       top_p=a.top_p, seed=a.seed)
+                       top_p=a.top_p, seed=a.seed, context=cfg.data.seq_len)
     print(text)
     return 0
 

@@ -133,15 +133,30 @@ def generate(graphdef, params, prompt, *, max_new_tokens: int, key=None, tempera
 
 
 def sample_text(graphdef, params, tokenizer, prompt: str, *, max_new_tokens: int,
-                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
-    """``prompt`` + its sampled continuation up to eos; an empty prompt starts from eos as BOS."""
-    ids = tokenizer.encode(prompt)
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                context: int = 0) -> str:
+    """``prompt`` + its sampled continuation up to eos; an empty prompt starts from eos as BOS.
+
+    ``context`` > 0 is the longest sequence the model sees (its training ``seq_len``): longer
+    generations proceed in windows — when the window is full, the last ``context // 2`` tokens
+    become the next prompt (re-prefilled at positions 0…), as nanoGPT crops its context. This
+    keeps every position inside the trained range and compiles at most two shapes.
+    """
+    ids = np.asarray(tokenizer.encode(prompt), np.int32)
     if len(ids) == 0:
         ids = np.array([tokenizer.eos_id], np.int32)
-    out = generate(graphdef, params, np.asarray(ids, np.int32)[None], max_new_tokens=max_new_tokens,
-                   key=jax.random.key(seed), temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=tokenizer.eos_id)[0]
-    new = out[len(ids):]
-    stop = np.flatnonzero(new == tokenizer.eos_id)
-    new = new[:stop[0]] if stop.size else new
-    return tokenizer.decode(np.concatenate([ids, new]))  # decode skips the eos used as BOS
+    out, remaining, key = ids, max_new_tokens, jax.random.key(seed)
+    while remaining > 0:
+        window = out
+        if context and len(out) + remaining > context and len(out) > context // 2:
+            window = out[-(context // 2):]  # crop: keep the last half-context as the prompt
+        n = remaining if not context else min(remaining, context - len(window))
+        key, sub = jax.random.split(key)
+        gen = generate(graphdef, params, window[None], max_new_tokens=n, key=sub,
+                       temperature=temperature, top_k=top_k, top_p=top_p,
+                       eos_id=tokenizer.eos_id)[0]
+        new = gen[len(window):]
+        stop = np.flatnonzero(new == tokenizer.eos_id)
+        out = np.concatenate([out, new[:stop[0]] if stop.size else new])
+        remaining = 0 if stop.size else remaining - n
+    return tokenizer.decode(out)  # decode skips the eos used as BOS

@@ -221,3 +221,32 @@ def test_sample_text_byte_round_trip():
     assert text == "A" + tok.decode(ids[:stop[0]] if stop.size else ids)
     empty = sample_text(graphdef, params, tok, "", **kw)  # starts from [eos] (same 1-token shape)
     assert isinstance(empty, str)
+
+
+class _IdTokenizer:
+    """Token ids as space-separated text; eos outside the vocab, so it is never generated."""
+
+    eos_id = V
+
+    def encode(self, text):
+        return np.array([int(t) for t in text.split()], np.int32)
+
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids if i != self.eos_id)
+
+
+def test_sample_text_windows_long_generations_within_context():
+    """context=8: after the first window fills, each next window re-prefills the last 4 tokens,
+    so the continuation equals greedy generate() on exactly those cropped prompts."""
+    tok = _IdTokenizer()
+    graphdef, params = tiny()
+    text = sample_text(graphdef, params, tok, "3 7", max_new_tokens=10, temperature=0.0,
+                       context=8)
+    out = tok.encode(text)
+    assert len(out) == 12 and list(out[:2]) == [3, 7]
+    first = generate(graphdef, params, out[None, :2], max_new_tokens=6, temperature=0.0)[0]
+    np.testing.assert_array_equal(first, out[:8])  # window 1: prompt 2 + 6 new = context
+    second = generate(graphdef, params, out[None, 4:8], max_new_tokens=4, temperature=0.0)[0]
+    np.testing.assert_array_equal(second, out[4:12])  # window 2: last 4 tokens re-prefilled
+    third = generate(graphdef, params, out[None, :2], max_new_tokens=10, temperature=0.0)[0]
+    assert not np.array_equal(third, out)  # without windows, positions 8.. would differ
