@@ -33,7 +33,7 @@ Example::
     model = Transformer(ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, vocab_size=257),
                         rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    print(sample_text(graphdef, state.to_pure_dict(), tok, "ROMEO:", max_new_tokens=32,
+    print(sample_text(graphdef, nnx.to_pure_dict(state), tok, "ROMEO:", max_new_tokens=32,
                       temperature=0.8, top_k=40, top_p=0.95, seed=0))   # untrained: noise
 """
 

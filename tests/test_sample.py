@@ -42,7 +42,7 @@ def tiny(n_kv_heads=2, scan_layers=True, vocab=V):
             return jnp.ones(x.shape, x.dtype)
         return jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype)
 
-    return graphdef, jax.tree_util.tree_map_with_path(init, abstract.to_pure_dict())
+    return graphdef, jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(abstract))
 
 
 @functools.lru_cache(maxsize=None)
