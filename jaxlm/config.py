@@ -49,6 +49,9 @@ class ModelConfig:
     remat: str = "none"  # none | full | save_dots
     scan_layers: bool = True
     init_std: float = 0.02
+    weights: str = "dense"  # how a matmul weight is parameterised (low-rank/sparse plug in here)
+    # -- linear attention family (jaxlm/model/linear.py) --
+    # -- low-rank / sparse weights (jaxlm/model/lowrank.py) --
 
     @property
     def kv_heads(self) -> int:
@@ -61,6 +64,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    # -- bucketing / packing (jaxlm/data/bucketing.py) --
     path: str = ""  # a text file; "" = the bundled tinyshakespeare
     val_path: str = ""  # separate validation file; "" = split off val_fraction of `path`
     val_fraction: float = 0.1
@@ -99,6 +103,7 @@ class OptimConfig:
     wd_norms: bool = False  # apply weight decay to norm gains too
     wd_embeddings: bool = False  # apply weight decay to embeddings / output head too
     grad_clip: float = 1.0  # global-norm clip (0 = off)
+    # -- low-rank optimizers (jaxlm/optim/lowrank.py) --
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,7 @@ def replace(cfg: Config, **sections) -> Config:
 
 _CHOICES = {
     "model.attention": ("softmax",),
+    "model.weights": ("dense",),
     "model.attn_impl": ("reference", "fused"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),

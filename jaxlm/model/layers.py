@@ -53,6 +53,15 @@ class Dense(nnx.Module):
         return jax.lax.dot_general(x, w, dims)
 
 
+DENSE: dict[str, type] = {"dense": Dense}
+
+
+def make_dense(cfg: ModelConfig, in_shape, out_shape, names, *, std, rngs):
+    """The matmul weight chosen by ``model.weights`` (``dense``; low-rank/sparse variants register
+    a class with Dense's constructor signature in :data:`DENSE`)."""
+    return DENSE[cfg.weights](in_shape, out_shape, names, std=std, rngs=rngs)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float):
         self.eps = eps
@@ -69,9 +78,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs):
         d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
         out_std = std / (2 * cfg.n_layers) ** 0.5  # GPT-2 scaled init of residual outputs
-        self.w_gate = Dense((d,), (f,), ("embed", "mlp"), std=std, rngs=rngs)
-        self.w_up = Dense((d,), (f,), ("embed", "mlp"), std=std, rngs=rngs)
-        self.w_down = Dense((f,), (d,), ("mlp", "embed"), std=out_std, rngs=rngs)
+        self.w_gate = make_dense(cfg, (d,), (f,), ("embed", "mlp"), std=std, rngs=rngs)
+        self.w_up = make_dense(cfg, (d,), (f,), ("embed", "mlp"), std=std, rngs=rngs)
+        self.w_down = make_dense(cfg, (f,), (d,), ("mlp", "embed"), std=out_std, rngs=rngs)
 
     def __call__(self, x):  # [B, T, D] -> [B, T, D]
         return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
@@ -83,11 +92,14 @@ class SoftmaxAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs, layer: int = 0):
         d, h, kv, hd, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
         self.theta, self.impl = cfg.rope_theta, cfg.attn_impl
-        self.wq = Dense((d,), (h, hd), ("embed", "heads", "head_dim"), std=std, rngs=rngs)
-        self.wk = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), std=std, rngs=rngs)
-        self.wv = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), std=std, rngs=rngs)
-        self.wo = Dense((h, hd), (d,), ("heads", "head_dim", "embed"),
-                        std=std / (2 * cfg.n_layers) ** 0.5, rngs=rngs)
+        self.wq = make_dense(cfg, (d,), (h, hd), ("embed", "heads", "head_dim"), std=std,
+                             rngs=rngs)
+        self.wk = make_dense(cfg, (d,), (kv, hd), ("embed", "kv_heads", "head_dim"), std=std,
+                             rngs=rngs)
+        self.wv = make_dense(cfg, (d,), (kv, hd), ("embed", "kv_heads", "head_dim"), std=std,
+                             rngs=rngs)
+        self.wo = make_dense(cfg, (h, hd), (d,), ("heads", "head_dim", "embed"),
+                             std=std / (2 * cfg.n_layers) ** 0.5, rngs=rngs)
         self.kv_shape = (kv, hd)
 
     def init_cache(self, batch: int, max_len: int, dtype):
