@@ -177,7 +177,7 @@ def run(cfg: Config) -> dict:
     result = {"out_dir": cfg.out_dir, "start_step": start, "step": start, "preempted": False,
               "eval": None, "loss": None}
 
-    pending, t_last, tok_since = [], None, 0
+    pending, t_last, untimed = [], None, 0
     with _StopFlag() as stop:
         step = start
         while step < end:
@@ -185,23 +185,23 @@ def run(cfg: Config) -> dict:
             state, metrics = train_step(state, batch)
             step += 1
             pending.append((step, metrics))
-            if t_last is None:  # exclude compilation from throughput: start timing after step 1
+            if t_last is None:  # the first step compiles: keep it out of the throughput figures
                 jax.block_until_ready(metrics)
-                t_last, pending = time.perf_counter(), []
-            elif step % cfg.train.log_every == 0 or step == end:
-                fetched = jax.device_get(pending)
+                t_last, untimed = time.perf_counter(), 1
+            if step % cfg.train.log_every == 0 or step == end:
+                fetched = jax.device_get(pending)  # the only host sync between log lines
                 now = time.perf_counter()
-                tok_since = sum(m["tokens"] for _, m in fetched)
-                tps = tok_since / max(now - t_last, 1e-9)
+                timed = fetched[untimed:]
+                tps = sum(m["tokens"] for _, m in timed) / max(now - t_last, 1e-9) if timed else 0.0
                 s, m = fetched[-1]
                 line = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                         "tokens": int(m["tokens"]), "seq_len": cfg.data.seq_len,
                         "tokens_per_s": tps, "mfu": mfu(fpt, tps, peak, len(jax.devices())),
-                        "step_time_s": (now - t_last) / len(fetched)}
+                        "step_time_s": (now - t_last) / len(timed) if timed else 0.0}
                 writer.write(s, line)
                 writer.progress(s, {"loss": f"{m['loss']:.3f}", "tok/s": f"{tps:,.0f}"})
                 result["loss"] = float(m["loss"])
-                pending, t_last = [], now
+                pending, t_last, untimed = [], now, 0
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != end:
                 ev = evaluate(eval_step, state["params"], eval_batches, mesh)
                 writer.write(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
