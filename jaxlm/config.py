@@ -52,6 +52,9 @@ class ModelConfig:
     weights: str = "dense"  # how a matmul weight is parameterised (low-rank/sparse plug in here)
     # -- linear attention family (jaxlm/model/linear.py) --
     # -- low-rank / sparse weights (jaxlm/model/lowrank.py) --
+    lowrank_rank: int = 32  # r of W = s*B*A (model.weights=lowrank|sltrain), clipped to min(in, out)
+    lowrank_scale: float = 1.0  # s in W = s*B*A (the seed repo's lora_alpha / r)
+    sparse_density: float = 0.03  # SLTrain: fraction delta of W's entries in the fixed sparse support
 
     @property
     def kv_heads(self) -> int:
@@ -104,6 +107,14 @@ class OptimConfig:
     wd_embeddings: bool = False  # apply weight decay to embeddings / output head too
     grad_clip: float = 1.0  # global-norm clip (0 = off)
     # -- low-rank optimizers (jaxlm/optim/lowrank.py) --
+    rank: int = 32  # GaLore/Fira projection rank r (clipped to each matrix's short side)
+    proj_gap: int = 200  # GaLore/Fira: refresh the projector by SVD every T updates
+    galore_scale: float = 0.25  # GaLore/Fira: alpha, the scale of the back-projected update
+    proj_side: str = "std"  # std (project the short side, as the paper) | reverse_std (optax.contrib)
+    fira_gamma: float = 1.01  # Fira norm-growth limiter
+    reset_every: int = 0  # momentum reset every N updates, any optimizer (0 = off)
+    rewarmup_steps: int = 10  # after each reset, ramp the LR linearly over this many updates
+    refactor_every: int = 0  # lowrank/sltrain: re-balance B, A by SVD every N updates (0 = off)
 
 
 @dataclass(frozen=True)
@@ -250,14 +261,14 @@ def replace(cfg: Config, **sections) -> Config:
 
 _CHOICES = {
     "model.attention": ("softmax",),
-    "model.weights": ("dense",),
+    "model.weights": ("dense", "lowrank", "sltrain"),
     "model.attn_impl": ("reference", "fused"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),
     "data.tokenizer": ("byte", "gpt2", "sentencepiece"),
     "data.mode": ("concat",),
     "train.schedule": ("cosine", "wsd", "constant"),
-    "optim.name": ("adamw",),
+    "optim.name": ("adamw", "galore", "fira", "lowrank", "sltrain"),
 }
 
 
