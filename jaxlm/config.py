@@ -68,6 +68,15 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # -- bucketing / packing (jaxlm/data/bucketing.py) --
+    format: str = "auto"  # pack/dd corpus: auto (by extension) | text | jsonl | arrayrecord
+    doc_separator: str = "\n\n"  # text corpora: literal document separator ("re:<regex>" = regex)
+    text_field: str = "text"  # jsonl: the field holding each document's text
+    cache_dir: str = ""  # token cache (memory-mapped); "" = ~/.cache/jaxlm/tokens
+    min_bucket: int = 256  # dd: smallest bucket; buckets are 2^k from here up to data.seq_len
+    buckets: str = ""  # dd: explicit comma-separated powers of two (overrides min_bucket)
+    curriculum: str = "grow_p2"  # dd: uniform | grow_p2 | grow_linear (odds per bucket)
+    cycles: int = 8  # dd: curriculum cycles per epoch (paper's winner: Grow-P2 x 8)
+    pack_bins: int = 0  # pack: first-fit packing bins (0 = the local batch size)
     path: str = ""  # a text file; "" = the bundled tinyshakespeare
     val_path: str = ""  # separate validation file; "" = split off val_fraction of `path`
     val_fraction: float = 0.1
@@ -266,7 +275,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),
     "data.tokenizer": ("byte", "gpt2", "sentencepiece"),
-    "data.mode": ("concat",),
+    "data.mode": ("concat", "pack", "dd"),
     "train.schedule": ("cosine", "wsd", "constant"),
     "optim.name": ("adamw", "galore", "fira", "lowrank", "sltrain"),
 }
