@@ -2,8 +2,10 @@
 
 from jaxlm.ops.attention import attention, attention_reference, make_mask
 from jaxlm.ops.layers import rms_norm, swiglu
+from jaxlm.ops.linear_attention import linear_attention, linear_attention_reset
 from jaxlm.ops.losses import bits_per_byte, masked_loss, token_nll
 from jaxlm.ops.rope import apply_rope, rope_angles
 
 __all__ = ["attention", "attention_reference", "make_mask", "rms_norm", "swiglu", "masked_loss",
-           "token_nll", "bits_per_byte", "apply_rope", "rope_angles"]
+           "token_nll", "bits_per_byte", "apply_rope", "rope_angles", "linear_attention",
+           "linear_attention_reset"]
