@@ -51,6 +51,11 @@ class ModelConfig:
     init_std: float = 0.02
     weights: str = "dense"  # how a matmul weight is parameterised (low-rank/sparse plug in here)
     # -- linear attention family (jaxlm/model/linear.py) --
+    layer_pattern: str = ""  # "" = all layers `attention`; else e.g. "LLLS" repeated (S = softmax)
+    linear_chunk: int = 64  # chunk size C of the chunked linear-attention kernel
+    linear_norm: str = "head"  # output norm scope of tnl/retnet/simple_gla: head | all (TNL: all)
+    tnl_decay: str = "official"  # official (ALiBi slopes x layer factor) | paper (eq. 10) | none
+    tnl_lrpe: bool = True  # TNL: LRPE-d on the first layer (official "mix" setting)
     # -- low-rank / sparse weights (jaxlm/model/lowrank.py) --
     lowrank_rank: int = 32  # r of W = s*B*A (model.weights=lowrank|sltrain), clipped to min(in, out)
     lowrank_scale: float = 1.0  # s in W = s*B*A (the seed repo's lora_alpha / r)
@@ -269,7 +274,7 @@ def replace(cfg: Config, **sections) -> Config:
 
 
 _CHOICES = {
-    "model.attention": ("softmax",),
+    "model.attention": ("softmax", "linear", "retnet", "tnl", "simple_gla"),
     "model.weights": ("dense", "lowrank", "sltrain"),
     "model.attn_impl": ("reference", "fused"),
     "model.dtype": ("float32", "bfloat16"),
