@@ -7,8 +7,14 @@ Example::
     src = make_data_source(DataConfig(seq_len=64, tokenizer="gpt2"))
     it = src.train_iterator(batch_size=8, seed=0)   # infinite; it.get_state() checkpoints it
     batch = next(it)                                # dict of [8, 64] numpy arrays
+
+Modes (``data.mode``): ``concat`` (concat-and-chunk), ``pack`` (whole documents packed with
+document masks), ``dd`` (Dataset Decomposition; ``jaxlm.data.decompose(n_tokens, buckets)`` gives
+the piece lengths a document is cut into).
 """
 
+from jaxlm.data.bucketing import DDDataSource, decompose
+from jaxlm.data.packing import PackDataSource
 from jaxlm.data.pipeline import (
     BATCH_KEYS,
     ConcatDataSource,
@@ -29,5 +35,5 @@ from jaxlm.data.tokenizer import (
 __all__ = [
     "BATCH_KEYS", "ByteTokenizer", "ConcatDataSource", "DataSource", "GPT2Tokenizer",
     "SentencePieceTokenizer", "Tokenizer", "Windows", "get_tokenizer", "make_data_source",
-    "read_text", "register_data_mode",
+    "read_text", "register_data_mode", "decompose", "DDDataSource", "PackDataSource",
 ]

@@ -13,8 +13,10 @@ token, so every token after the first is a target exactly once per epoch and not
 except the tail shorter than a window. Validation is ``data.val_path`` if set, else the last
 ``val_fraction`` of the tokens of ``data.path``.
 
-Other modes (packing, dataset decomposition) plug in with ``register_data_mode(name, builder)``;
-a builder maps a DataConfig to any object that follows the :class:`DataSource` protocol.
+Modes ``pack`` (:mod:`jaxlm.data.packing`) and ``dd`` (Dataset Decomposition,
+:mod:`jaxlm.data.bucketing`) read document corpora (:mod:`jaxlm.data.corpus`). More modes plug in
+with ``register_data_mode(name, builder)``; a builder maps a DataConfig to any object that follows
+the :class:`DataSource` protocol.
 
 Training iterator (grain): source(windows) -> this process's shard
 ``[process_index::process_count]`` -> shuffle(seed) -> repeat(None) (reshuffled each epoch) ->
@@ -193,7 +195,21 @@ def eval_batches_from_rows(rows, *, batch_size: int, num_batches: int, process_i
     return out
 
 
-_MODES: dict[str, Callable[[DataConfig], DataSource]] = {"concat": ConcatDataSource}
+def _pack_mode(cfg: DataConfig) -> DataSource:
+    from jaxlm.data.packing import PackDataSource  # imported lazily: it imports this module
+
+    return PackDataSource(cfg)
+
+
+def _dd_mode(cfg: DataConfig) -> DataSource:
+    from jaxlm.data.bucketing import DDDataSource
+
+    return DDDataSource(cfg)
+
+
+# concat (above), pack (jaxlm/data/packing.py), dd = Dataset Decomposition (jaxlm/data/bucketing.py)
+_MODES: dict[str, Callable[[DataConfig], DataSource]] = {
+    "concat": ConcatDataSource, "pack": _pack_mode, "dd": _dd_mode}
 
 
 def register_data_mode(name: str, builder: Callable[[DataConfig], DataSource]) -> None:
