@@ -53,8 +53,12 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def check_batch(cfg: Config, mesh) -> None:
-    """The global batch must split evenly over micro-batches, processes and batch shards."""
+def check_batch(cfg: Config, mesh, shapes=None) -> None:
+    """The global batch must split evenly over micro-batches, processes and batch shards.
+
+    ``shapes``: the [rows, seq_len] batch shapes of a variable-length mode (dd: one per bucket,
+    rows = batch_size * seq_len / L); each must split like the fixed batch does.
+    """
     t = cfg.train
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = t.batch_size // t.grad_accum
@@ -62,6 +66,12 @@ def check_batch(cfg: Config, mesh) -> None:
         raise ConfigError(
             f"micro-batch train.batch_size/train.grad_accum = {micro} is not divisible by "
             f"mesh.data*mesh.fsdp = {shards}; change train.batch_size or the mesh")
+    for rows, length in shapes or ():
+        if rows % t.grad_accum or (rows // t.grad_accum) % shards or rows % jax.process_count():
+            raise ConfigError(
+                f"the length-{length} bucket's batch of {rows} rows does not split over "
+                f"train.grad_accum={t.grad_accum}, mesh.data*mesh.fsdp={shards} and "
+                f"{jax.process_count()} processes; change train.batch_size or the buckets")
     if t.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the "
                           f"{jax.process_count()} processes")
@@ -141,7 +151,11 @@ def run(cfg: Config) -> dict:
     data = make_data_source(cfg.data)
     cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
     mesh = make_mesh(cfg.mesh)
-    check_batch(cfg, mesh)
+    shapes = data.batch_shapes(cfg.train.batch_size) if hasattr(data, "batch_shapes") else None
+    check_batch(cfg, mesh, shapes)
+    if shapes:
+        log.info("variable sequence length: %d batch shapes %s (same tokens per step); the train "
+                 "step compiles once per shape", len(shapes), shapes)
     schedule = make_schedule(cfg.train)
     spec = StateSpec.build(cfg, mesh, build_optimizer(cfg))
     describe(cfg, mesh, spec)
@@ -172,36 +186,53 @@ def run(cfg: Config) -> dict:
         num_batches=cfg.train.eval_batches, process_index=pidx, process_count=pcount)
     peak = cfg.peak_flops or measure_peak_flops("float32" if cfg.model.dtype == "float32"
                                                 else "bfloat16", n=1024)
-    fpt = flops_per_token(cfg.model, cfg.model.vocab_size, cfg.data.seq_len)
+    fpt = {}  # sequence length -> FLOPs per token (variable-length batches in dd mode)
     writer = MetricWriter(cfg.out_dir, enabled=is_primary(), total_steps=end, initial_step=start)
     result = {"out_dir": cfg.out_dir, "start_step": start, "step": start, "preempted": False,
               "eval": None, "loss": None}
 
-    pending, t_last, untimed = [], None, 0
+    pending, t_last, untimed, seen = [], None, set(), set()
     with _StopFlag() as stop:
         step = start
         while step < end:
-            batch = host_to_global(next(train_iter), mesh)
-            state, metrics = train_step(state, batch)
+            local = next(train_iter)
+            rows, seq_len = local["inputs"].shape  # this batch's shape (varies in dd mode)
+            new_shape = (rows, seq_len) not in seen
+            if new_shape:  # jit compiles once per shape: a bounded number (one per bucket)
+                seen.add((rows, seq_len))
+                log.info("step %d: compiling the train step for batch shape [%d, %d] (shape %d)",
+                         step + 1, rows * pcount, seq_len, len(seen))
+                if t_last is not None:
+                    jax.block_until_ready(state)
+                    t_compile = time.perf_counter()
+            state, metrics = train_step(state, host_to_global(local, mesh))
             step += 1
-            pending.append((step, metrics))
+            pending.append((step, metrics, seq_len))
             if t_last is None:  # the first step compiles: keep it out of the throughput figures
                 jax.block_until_ready(metrics)
-                t_last, untimed = time.perf_counter(), 1
+                t_last, untimed = time.perf_counter(), {step}
+            elif new_shape:  # so does a new shape: keep that step out too
+                jax.block_until_ready(metrics)
+                t_last += time.perf_counter() - t_compile
+                untimed.add(step)
             if step % cfg.train.log_every == 0 or step == end:
                 fetched = jax.device_get(pending)  # the only host sync between log lines
                 now = time.perf_counter()
-                timed = fetched[untimed:]
-                tps = sum(m["tokens"] for _, m in timed) / max(now - t_last, 1e-9) if timed else 0.0
-                s, m = fetched[-1]
+                timed = [(m["tokens"], n) for s, m, n in fetched if s not in untimed]
+                tok = sum(t for t, _ in timed)
+                tps = tok / max(now - t_last, 1e-9) if timed else 0.0
+                for _, n in timed:
+                    fpt.setdefault(n, flops_per_token(cfg.model, cfg.model.vocab_size, n))
+                avg_fpt = sum(t * fpt[n] for t, n in timed) / tok if tok else 0.0
+                s, m, n = fetched[-1]
                 line = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                        "tokens": int(m["tokens"]), "seq_len": cfg.data.seq_len,
-                        "tokens_per_s": tps, "mfu": mfu(fpt, tps, peak, len(jax.devices())),
+                        "tokens": int(m["tokens"]), "seq_len": n,
+                        "tokens_per_s": tps, "mfu": mfu(avg_fpt, tps, peak, len(jax.devices())),
                         "step_time_s": (now - t_last) / len(timed) if timed else 0.0}
                 writer.write(s, line)
                 writer.progress(s, {"loss": f"{m['loss']:.3f}", "tok/s": f"{tps:,.0f}"})
                 result["loss"] = float(m["loss"])
-                pending, t_last, untimed = [], now, 0
+                pending, t_last, untimed = [], now, set()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != end:
                 ev = evaluate(eval_step, state["params"], eval_batches, mesh)
                 writer.write(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
