@@ -13,3 +13,5 @@ from jaxlm.optim.schedules import make_schedule
 
 __all__ = ["OPTIMIZERS", "build_adamw", "build_optimizer", "decay_mask", "lr_at",
            "make_schedule", "register_optimizer", "with_clipping"]
+
+from jaxlm.optim import fira, galore, lowrank  # noqa: E402,F401  (register galore/fira/lowrank/sltrain)

@@ -5,7 +5,8 @@
 ``params`` is the pure nested dict of the NNX model's parameters (``nnx.split`` once, here); the
 loss rebuilds the module with ``nnx.merge(graphdef, params)`` inside jit. Shardings come from the
 parameters' logical names through :data:`jaxlm.sharding.RULES`; optimizer moments take the sharding
-of the parameter they belong to (``optax.tree_map_params``), other optimizer leaves are replicated.
+of the parameter they belong to (``optax.tree_map_params``), per-parameter leaves of another shape
+(low-rank moments, projectors) follow :func:`lowrank_sharding`, other leaves are replicated.
 The init is ``jax.jit(init, out_shardings=...)``, so each device only ever materialises its own
 shards — a model larger than one device's memory can be initialised.
 
@@ -28,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxlm.config import Config, ConfigError
 from jaxlm.model import Transformer
-from jaxlm.sharding import replicated, tree_shardings
+from jaxlm.sharding import fit_spec, replicated, tree_shardings
 
 
 def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
@@ -44,6 +46,38 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
             f"model.vocab_size={v} is smaller than the {cfg.data.tokenizer} tokenizer's "
             f"{vocab_size} tokens; set model.vocab_size>={vocab_size} (or 0 = from tokenizer)")
     return cfg
+
+
+def lowrank_sharding(leaf, param_sharding):
+    """Sharding of a per-parameter optimizer leaf whose shape is not the parameter's.
+
+    GaLore/Fira moments ``[L, r, long]`` / ``[L, short, r]`` and projectors ``[L, short|long, r]``
+    (jaxlm/optim/galore.py): the larger of the last two dims (never the rank r, which is clipped
+    to the short side) is split over all mesh axes the parameter itself is split over, the rest
+    replicated — so projections are plain sharded matmuls; the SVD gathers one matrix only on
+    refresh steps. Leaves with < 2 dims (Fira's per-layer norm) are replicated. A dim the mesh
+    does not divide falls back to replicated (:func:`jaxlm.sharding.fit_spec`).
+    """
+    mesh = param_sharding.mesh
+    if leaf.ndim < 2:
+        return replicated(mesh)
+    axes = tuple(a for e in param_sharding.spec if e is not None
+                 for a in (e if isinstance(e, tuple) else (e,)))
+    entry = (axes[0] if len(axes) == 1 else axes) if axes else None
+    big = leaf.ndim - 2 if leaf.shape[-2] >= leaf.shape[-1] else leaf.ndim - 1
+    spec = [None] * leaf.ndim
+    spec[big] = entry
+    return NamedSharding(mesh, fit_spec(P(*spec), leaf.shape, mesh, "optimizer state"))
+
+
+def _is_masked(x) -> bool:  # optax.partition leaves a MaskedNode where a group has no param
+    return isinstance(x, optax.MaskedNode)
+
+
+def _opt_leaf_sharding(leaf, param, param_sharding):
+    if _is_masked(leaf):
+        return leaf
+    return param_sharding if leaf.shape == param.shape else lowrank_sharding(leaf, param_sharding)
 
 
 def _make_params(model_cfg, seed: int):
@@ -70,8 +104,9 @@ class StateSpec:
         abs_params = nnx.to_pure_dict(abs_state)
         param_sh = tree_shardings(logical, abs_params, mesh)
         abs_opt = jax.eval_shape(tx.init, abs_params)
-        opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
-                                       transform_non_params=lambda _: replicated(mesh))
+        opt_sh = optax.tree_map_params(
+            tx, _opt_leaf_sharding, abs_opt, abs_params, param_sh,
+            transform_non_params=lambda _: replicated(mesh), is_leaf=_is_masked)
         rep = replicated(mesh)
         abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_params,
                     "opt_state": abs_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
