@@ -128,7 +128,7 @@ def _iter_documents(path: str, fmt: str, separator: str, field: str, what: str, 
                     continue
                 try:
                     obj = json.loads(raw)
-                    doc = obj[field] if isinstance(obj, dict) else None
+                    doc = obj.get(field) if isinstance(obj, dict) else None
                 except (ValueError, UnicodeDecodeError):
                     doc = None
                 if not isinstance(doc, str):

@@ -124,6 +124,7 @@ class PackDataSource:
         self.tokenizer = get_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
         train, val = load_splits(cfg, self.tokenizer)
         tb = self.tokenizer.token_bytes
+        self.train = train
         self.train_chunks = Chunks(train, cfg.seq_len, tb)
         self.val_rows = PackedEvalRows(val, cfg.seq_len, tb)
         self.stats = dict(train.stats, split_docs=self.train_chunks.split_docs,
