@@ -13,6 +13,13 @@ Rematerialisation (``model.remat``) wraps the per-layer body in ``jax.checkpoint
 ``save_dots`` keeps only the matmul outputs without batch dims (projections) and recomputes the
 rest.
 
+Linear attention and hybrids (``model.attention`` a linear variant, ``model.layer_pattern``
+such as "LLLS" = one softmax layer every 4, MiniMax-01 uses 7:1, Qwen3-Next 3:1): the layers are
+grouped into repeating units of the pattern; ``nnx.vmap`` stacks the units (params
+``blocks/layer{j}/…`` with a leading [n_layers / p] axis) and the scan runs one unit per step,
+passing the unit index so TNL layers know their depth l = unit·p + j (layer-dependent decay,
+LRPE on layer 0). Softmax-only models keep the original one-Block-per-layer stack.
+
 Decoding uses a cache pytree with the same leading ``[L]`` axis; a call with ``cache`` processes T
 new tokens written at ``cache_index`` (prefill: the prompt; decode: one token).
 
@@ -25,9 +32,13 @@ Example::
     model = Transformer(ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=128, vocab_size=257),
                         rngs=nnx.Rngs(0))
     logits, _ = model(jnp.zeros((2, 16), jnp.int32))          # [2, 16, 257] float32
+    hybrid = Transformer(ModelConfig(d_model=64, n_layers=4, n_heads=4, d_ff=128, vocab_size=257,
+                                     attention="tnl", layer_pattern="LLLS"), rngs=nnx.Rngs(0))
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +46,56 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.model.layers import Block, RMSNorm, param
+from jaxlm.model.linear import TNLBlock
 from jaxlm.sharding import shard
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the block
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def layer_pattern(cfg: ModelConfig) -> str:
+    """The repeating unit of layer kinds: "S" softmax, "L" ``cfg.attention`` (a linear variant).
+
+    ``model.layer_pattern=""`` means every layer is ``cfg.attention``. A pattern of length p must
+    divide n_layers; layer l has kind pattern[l % p] (e.g. "LLLS": one softmax layer every 4)."""
+    pattern = cfg.layer_pattern or ("S" if cfg.attention == "softmax" else "L")
+    if set(pattern) - {"L", "S"} or cfg.n_layers % len(pattern):
+        raise ValueError(f"model.layer_pattern={cfg.layer_pattern!r}: use only L/S, with a length "
+                         f"that divides model.n_layers={cfg.n_layers}")
+    if "L" in pattern and cfg.attention == "softmax":
+        raise ValueError("model.layer_pattern has L layers but model.attention=softmax; choose a "
+                         "linear variant (linear, retnet, tnl, simple_gla)")
+    return pattern
+
+
+class Unit(nnx.Module):
+    """One repeat of the layer pattern: blocks ``layer0 … layer{p-1}`` (hybrid / linear models)."""
+
+    def __init__(self, cfg: ModelConfig, pattern: str, *, rngs):
+        self.pattern = pattern
+        softmax_cfg = dataclasses.replace(cfg, attention="softmax")
+        for j, kind in enumerate(pattern):
+            if kind == "S":
+                blk = Block(softmax_cfg, rngs=rngs)
+            else:
+                blk = TNLBlock(cfg, rngs=rngs) if cfg.attention == "tnl" else Block(cfg, rngs=rngs)
+            setattr(self, f"layer{j}", blk)
+
+    def init_cache(self, batch, max_len, dtype):
+        return {f"layer{j}": getattr(self, f"layer{j}").attn.init_cache(batch, max_len, dtype)
+                for j in range(len(self.pattern))}
+
+    def __call__(self, x, positions, segment_ids, cache, cache_index, unit):
+        """Runs the p blocks; ``unit`` (traced) gives layer index unit·p + j to TNL blocks."""
+        new = {}
+        for j in range(len(self.pattern)):
+            blk, name = getattr(self, f"layer{j}"), f"layer{j}"
+            c = None if cache is None else cache[name]
+            kw = {"layer": unit * len(self.pattern) + j} if isinstance(blk, TNLBlock) else {}
+            x, new[name] = blk(x, positions, segment_ids, c, cache_index, **kw)
+        return x, (None if cache is None else new)
 
 
 class Transformer(nnx.Module):
@@ -52,22 +107,31 @@ class Transformer(nnx.Module):
         v, d = cfg.vocab_size, cfg.d_model
         self.embed = nnx.Module()
         self.embed.embedding = param(rngs, (v, d), ("vocab", "embed"), cfg.init_std)
+        pattern = layer_pattern(cfg)
+        # softmax-only models keep one stacked Block per layer (the original checkpoint layout)
+        self.pattern = None if set(pattern) == {"S"} else pattern
+        n_stack = cfg.n_layers if self.pattern is None else cfg.n_layers // len(pattern)
 
-        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.split_rngs(splits=n_stack)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
+            if self.pattern is None:
+                return Block(dataclasses.replace(cfg, attention="softmax"), rngs=rngs)
+            return Unit(cfg, pattern, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
+        self.n_stack = n_stack
         self.final_norm = RMSNorm(d, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Module()
             self.lm_head.kernel = param(rngs, (d, v), ("embed", "vocab"), cfg.init_std)
 
     def init_cache(self, batch: int, max_len: int):
-        """Per-layer decode caches stacked on a leading [L] axis."""
-        one = self.blocks.attn.init_cache(batch, max_len, self.dtype)  # attn holds no [L] state
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.cfg.n_layers,) + x.shape), one)
+        """Per-layer decode caches stacked on a leading [L] (or [units]) axis: KV for softmax
+        layers, the O(1) recurrent state for linear ones."""
+        mod = self.blocks if self.pattern is not None else self.blocks.attn  # no [L] state used
+        one = mod.init_cache(batch, max_len, self.dtype)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_stack,) + x.shape), one)
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None):
         """tokens [B, T] int -> (logits [B, T, V] float32, new cache or None)."""
@@ -81,20 +145,22 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(x, layer):
-            state, layer_cache = layer
-            y, new_cache = nnx.merge(graphdef, state)(x, positions, segment_ids, layer_cache,
-                                                      cache_index)
+            state, layer_cache, idx = layer
+            args = (x, positions, segment_ids, layer_cache, cache_index)
+            if self.pattern is not None:
+                args += (idx,)
+            y, new_cache = nnx.merge(graphdef, state)(*args)
             return y, new_cache
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
                                   prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
-            x, cache = jax.lax.scan(body, x, (stacked, cache))
+            x, cache = jax.lax.scan(body, x, (stacked, cache, jnp.arange(self.n_stack)))
         else:
             outs = []
-            for i in range(self.cfg.n_layers):
-                layer = jax.tree.map(lambda a: a[i], (stacked, cache))
+            for i in range(self.n_stack):
+                layer = jax.tree.map(lambda a: a[i], (stacked, cache)) + (i,)
                 x, c = body(x, layer)
                 outs.append(c)
             cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
