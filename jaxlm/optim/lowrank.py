@@ -151,3 +151,46 @@ def _build_factored(kind: str):
 
 register_optimizer("lowrank", _build_factored("lowrank"))
 register_optimizer("sltrain", _build_factored("sltrain"))
+
+
+# ------------------------------------------------------------------------- memory accounting
+METHODS = {  # method -> (model.weights, optim.name)
+    "adamw": ("dense", "adamw"), "galore": ("dense", "galore"), "fira": ("dense", "fira"),
+    "lowrank": ("lowrank", "lowrank"), "sltrain": ("sltrain", "sltrain")}
+
+
+def method_config(cfg: Config, method: str) -> Config:
+    """``cfg`` switched to ``method`` (model.weights and optim.name together)."""
+    from jaxlm.config import replace
+    weights, name = METHODS[method]
+    return replace(cfg, model={"weights": weights}, optim={"name": name})
+
+
+def state_entries(cfg: Config) -> tuple[int, int, int]:
+    """(parameter entries, optimizer-state entries, SLTrain support indices) from shapes only.
+
+    ``jax.eval_shape`` of the model init and of ``tx.init``; scalar counters count as one entry.
+    The SLTrain support is a compile-time constant (not state) but occupies memory: its I·k
+    int32 indices are reported separately.
+    """
+    import math as _math
+
+    from flax import nnx
+
+    from jaxlm.model import Transformer
+    from jaxlm.model.lowrank import SLTrainDense
+    from jaxlm.optim.build import build_optimizer
+
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    opt = jax.eval_shape(build_optimizer(cfg).init, params)
+    count = lambda t: sum(_math.prod(x.shape) for x in jax.tree.leaves(t))  # noqa: E731
+    support = sum(_math.prod(m.values.shape) for _, m in nnx.iter_graph(model)
+                  if isinstance(m, SLTrainDense))
+    return count(params), count(opt), support
+
+
+def state_bytes(cfg: Config, bytes_per_entry: int = 4) -> int:
+    """Bytes of parameters + optimizer state (+ int32 SLTrain indices) for ``cfg``'s method."""
+    p, o, idx = state_entries(cfg)
+    return (p + o) * bytes_per_entry + 4 * idx
