@@ -50,7 +50,8 @@ def test_chunks_cover_documents(cfg):
 def test_packed_rows(cfg):
     src = make_data_source(cfg)
     tok, eos = src.train_chunks.tokens, src.tokenizer.eos_id
-    chunks = {tuple(src.train_chunks[i]["targets"].tolist()): i for i in range(len(src.train_chunks))}
+    chunks = {tuple(src.train_chunks[i]["targets"].tolist()): i
+              for i in range(len(src.train_chunks))}
     it = src.train_iterator(batch_size=4, seed=0)
     seen = []
     for _ in range(6):

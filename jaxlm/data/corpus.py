@@ -190,7 +190,8 @@ def load_corpus(path: str, tokenizer: Tokenizer, *, fmt: str = "auto", separator
                           f"vocab {tokenizer.vocab_size}; delete the cache directory")
     for k in ("skipped_empty_docs", "skipped_bad_records"):
         if stats.get(k):
-            log.info("%s: skipped %d %s", path, stats[k], k.replace("skipped_", "").replace("_", " "))
+            what_ = k.replace("skipped_", "").replace("_", " ")
+            log.info("%s: skipped %d %s", path, stats[k], what_)
     return TokenCorpus(tokens, offsets, stats, tokenizer.eos_id)
 
 
