@@ -190,3 +190,29 @@ def test_tensor_parallel_forward_matches_single_device():
     with jax.set_mesh(mesh):
         out = fwd(sharded, toks)
     np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def test_head_norm_adds_no_all_reduce_under_tensor_parallelism():
+    """Heads on `tensor`=8: per-head norm -> only W_o's all-reduce; full-width norm -> one more."""
+    import re
+
+    from jax.sharding import NamedSharding
+
+    from jaxlm.config import MeshConfig
+    from jaxlm.sharding import logical_to_spec, make_mesh
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=8))
+    x = jnp.ones((2, 8, 32))
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    counts = {}
+    for norm in ("head", "all"):
+        cfg = ModelConfig(**dict(TINY, attention="tnl", n_heads=8, n_kv_heads=8, linear_norm=norm))
+        graphdef, state = nnx.split(TNLAttention(cfg, rngs=nnx.Rngs(0)))
+        specs = nnx.get_partition_spec(state)
+        state = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(
+            mesh, logical_to_spec(tuple(s.value) if hasattr(s, "value") else tuple(s)))),
+            state, specs)
+        f = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, pos, layer=1)[0])
+        with jax.set_mesh(mesh):
+            hlo = f.lower(state, x).compile().as_text()
+        counts[norm] = len(re.findall(r"all-reduce(?:-start)?\(", hlo))
+    assert counts == {"head": 1, "all": 2}
