@@ -1,4 +1,4 @@
-"""Forward+backward time per token: softmax attention vs the linear-attention family, T = 512 … 8192.
+"""Forward+backward time per token: softmax vs the linear-attention family, T = 512 … 8192.
 
 Tokens per call are held constant (B·T = ``--tokens``), so a constant per-token time means a
 constant speed at any length (Lightning Attention-2's headline, arXiv 2401.04658 §4). Measured in

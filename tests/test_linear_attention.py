@@ -14,7 +14,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "linear_attention"
 
 
 def ref_np(q, k, v, g=None, s0=None, reset=None):
-    """float64 token-by-token recurrence S_t = e^{g_t}(1 - r_t) S_{t-1} + k_t v_tᵀ, o_t = q_tᵀ S_t."""
+    """float64 token loop: S_t = e^{g_t}(1 - r_t) S_{t-1} + k_t v_tᵀ, o_t = q_tᵀ S_t."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, t, h, dk = q.shape
     g = np.zeros((b, t, h)) if g is None else np.broadcast_to(np.asarray(g, np.float64), (b, t, h))
@@ -117,7 +117,8 @@ def test_gradients_match_float64():
 
     got = loss("chunked", 4, jnp.float32)(q, k, v, g, s0)
     with jax.enable_x64():
-        ref = loss("naive", 4, jnp.float64)(*(jnp.asarray(a, jnp.float64) for a in (q, k, v, g, s0)))
+        args64 = (jnp.asarray(a, jnp.float64) for a in (q, k, v, g, s0))
+        ref = loss("naive", 4, jnp.float64)(*args64)
         ref = [np.asarray(r) for r in ref]
     for a, r in zip(got, ref):
         assert np.all(np.isfinite(a)) and rel(a, r) < 1e-4

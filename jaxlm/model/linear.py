@@ -9,7 +9,7 @@ the feature map on q/k, the decay α and what is applied to o (``linear_attentio
 * ``retnet``     — RetNet retention, Sun et al. 2023 (eqs. 5-8): RoPE on q, k (xPos without its
                    extra scale), k·K^{-1/2}, fixed γ_h = 1 − 2^{−5−h}; out = (swish(X W_G) ⊙
                    Norm(o)) W_O. Norm = gain-free RMS per head (RetNet: GroupNorm).
-* ``tnl``        — TransNormerLLM (Qin et al., arXiv 2307.14995) "GLA" token mixer (§3.2, eq. 10-12):
+* ``tnl``        — TransNormerLLM (arXiv 2307.14995) "GLA" token mixer (§3.2, eqs. 10-12):
                    q = SiLU(X W_q), k = SiLU(X W_k), v = X W_v, u = X W_u (no gate activation),
                    O = SRMSNorm(LA(q, k, v)) ⊙ u, out = O W_o; no 1/√d scaling. Decay λ_{h,l} — we
                    use the **official code schedule** (lightning-attention / TNL HF model /
@@ -66,7 +66,8 @@ from jaxlm.sharding import shard
 def srms_norm(x, eps: float = 1e-6, axes=(-1,)):
     """Simple RMSNorm (TNL §3.4): x / sqrt(mean(x²) + eps) over ``axes``, in float32, no gain."""
     x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + eps)).astype(x.dtype)
+    inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + eps)  # 1 / RMS(x)
+    return (x32 * inv).astype(x.dtype)
 
 
 def alibi_slopes(n_heads: int) -> np.ndarray:
