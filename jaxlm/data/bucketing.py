@@ -161,15 +161,16 @@ class CurriculumMap(grain.transforms.DatasetSelectionMap):
 
     def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """(bucket of each step [E], rank of the step within its bucket this epoch [E])."""
-        if self._cache[0] != e:
+        cache = self._cache  # one read: grain's reader threads may swap it concurrently
+        if cache[0] != e:
             rng = np.random.default_rng([self.seed, e, 0xDD])
             sched = curriculum_schedule(self.batches, self.odds, self.cycles, rng)
             rank = np.zeros_like(sched)
             for i in range(len(self.batches)):
                 m = sched == i
                 rank[m] = np.arange(m.sum())
-            self._cache = (e, sched, rank)
-        return self._cache[1], self._cache[2]
+            cache = self._cache = (e, sched, rank)
+        return cache[1], cache[2]
 
     def __len__(self) -> int:
         return sys.maxsize
