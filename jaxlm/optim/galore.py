@@ -32,9 +32,9 @@ Why not ``optax.contrib.galore``: it projects the *long* side (its choice equals
 ``reverse_std``, not the paper's ``std``), uses optax's ε, projects every 2-D leaf (embeddings
 too) by default, treats a stacked ``[L, a, b]`` kernel as one matrix or skips it, has no Fira and
 no SVD sign convention. Here every leaf is a batch of matrices: leading ``[L]`` (scan) axes are
-batch dims of one batched SVD, and multi-dim kernels (``wq`` ``[D, H, K]``) are flattened to
+batch dims (the SVD is mapped over them), and multi-dim kernels (``wq`` ``[D, H, K]``) are flattened to
 ``[in, out]`` by a per-leaf :class:`Layout`. The refresh is one ``lax.cond`` around all the
-batched SVDs (never a vmapped cond, which would run the SVD every step). SVD signs are made
+SVDs (never a vmapped cond, which would run the SVD every step). SVD signs are made
 canonical (the largest-|·| entry of each projector column is positive), which the oracle
 fixtures use too. ``tests/test_galore.py`` checks ``proj_side='reverse_std', eps_mode='optax'``
 against ``optax.contrib.galore``.
@@ -128,7 +128,11 @@ def canonical_signs(p):
 
 def svd_projector(g2, geo: _Geo):
     """Top-r singular vectors of ``g2 [..., a, b]`` on the projected side, f32, canonical signs."""
-    u, _, vh = jnp.linalg.svd(g2.astype(jnp.float32), full_matrices=False)
+    flat = g2.astype(jnp.float32).reshape((-1,) + g2.shape[-2:])  # [L', a, b]
+    # One matrix at a time (lax.map): a batched LAPACK SVD next to cross-device collectives
+    # deadlocks XLA:CPU with several (fake) devices; the refresh is rare, so sequential is fine.
+    u, _, vh = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False), flat)
+    u, vh = u.reshape(g2.shape[:-2] + u.shape[-2:]), vh.reshape(g2.shape[:-2] + vh.shape[-2:])
     p = u[..., :, :geo.r] if geo.rows else jnp.swapaxes(vh[..., :geo.r, :], -1, -2)
     return canonical_signs(p)
 
@@ -148,6 +152,13 @@ def project_back(n, p, geo: _Geo):
 def _rank_norm(x, geo: _Geo):
     """Norm over the rank axis, broadcastable against [..., a, b]."""
     return jnp.linalg.norm(x, axis=-2 if geo.rows else -1, keepdims=True)
+
+
+def _replicate(tree):
+    """Constrain to replicated when a mesh is active (inside jaxlm's jitted step); else no-op."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, jax.sharding.PartitionSpec())
 
 
 def scale_by_galore(rank: int, gap: int, scale: float = 0.25, *, b1: float = 0.9,
@@ -187,11 +198,12 @@ def scale_by_galore(rank: int, gap: int, scale: float = 0.25, *, b1: float = 0.9
         gs = geos(updates)
         mat = jax.tree.map(lambda g, x: x.astype(jnp.float32).reshape(g.batch + (g.a, g.b)),
                            gs, updates, is_leaf=is_geo)
-        # One cond for all leaves: the (batched) SVDs run only on refresh steps.
+        # One cond for all leaves: the (batched) SVDs run only on refresh steps. Gather G before
+        # the cond and keep the branches collective-free (XLA's SVD is not distributed anyway).
         proj = jax.lax.cond(
             state.count % gap == 0,
             lambda m: jax.tree.map(svd_projector, m, gs, is_leaf=lambda x: is_geo(x)),
-            lambda m: state.proj, mat)
+            lambda m: _replicate(state.proj), _replicate(mat))
         k = state.count + 1
         kf = k.astype(jnp.float32)
         bc1, bc2 = 1 - b1 ** kf, 1 - b2 ** kf

@@ -87,15 +87,25 @@ def rewarmup(every: int, warmup: int):
     return factor
 
 
+def _refactor_one(ab):
+    a, b = ab  # [m, r], [r, n]
+    qa, ra = jnp.linalg.qr(a)  # [m, r], [r, r]
+    qb, rb = jnp.linalg.qr(b.T)  # [n, r], [r, r]
+    u, s, vh = jnp.linalg.svd(ra @ rb.T)  # the r×r core
+    root = jnp.sqrt(s)[None, :]  # [1, r]
+    return (qa @ u) * root, ((qb @ vh.T) * root).T
+
+
 def refactor(a, b):
-    """Balanced factors of ``a [.., m, r] @ b [.., r, n]`` (QR + r×r SVD; product unchanged)."""
-    qa, ra = jnp.linalg.qr(a)  # [.., m, r], [.., r, r]
-    qb, rb = jnp.linalg.qr(jnp.swapaxes(b, -1, -2))  # [.., n, r], [.., r, r]
-    u, s, vh = jnp.linalg.svd(ra @ jnp.swapaxes(rb, -1, -2))
-    root = jnp.sqrt(s)[..., None, :]  # [.., 1, r]
-    a2 = (qa @ u) * root
-    b2 = jnp.swapaxes(qb @ jnp.swapaxes(vh, -1, -2) * root, -1, -2)
-    return a2.astype(a.dtype), b2.astype(b.dtype)
+    """Balanced factors of ``a [.., m, r] @ b [.., r, n]`` (QR + r×r SVD; product unchanged).
+
+    Leading (layer) dims are mapped one matrix at a time (``lax.map``; see galore.svd_projector).
+    """
+    lead = a.shape[:-2]
+    flat = (a.astype(jnp.float32).reshape((-1,) + a.shape[-2:]),
+            b.astype(jnp.float32).reshape((-1,) + b.shape[-2:]))
+    a2, b2 = jax.lax.map(_refactor_one, flat)
+    return a2.reshape(lead + a2.shape[1:]).astype(a.dtype), b2.reshape(lead + b2.shape[1:]).astype(b.dtype)
 
 
 def refactor_tree(params):
