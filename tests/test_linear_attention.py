@@ -66,10 +66,11 @@ def test_forms_match_float64_recurrence(decay, form, chunk):
 
 def test_public_signature_defaults():
     q, k, v, g = inputs(2, t=20, decay="head")
-    o = linear_attention(q, k, v)  # no decay, chunked, no state
+    o, o_rec = jax.jit(lambda q, k, v, g: (linear_attention(q, k, v),  # no decay, chunked
+                                            linear_attention(q, k, v, g, form="recurrent")))(
+        q, k, v, g)
     np.testing.assert_allclose(o, ref_np(q, k, v)[0], rtol=0, atol=2e-5 * np.abs(o).max())
-    o = linear_attention(q, k, v, jnp.asarray(g), form="recurrent")
-    assert rel(o, ref_np(q, k, v, g)[0]) < 2e-5
+    assert rel(o_rec, ref_np(q, k, v, g)[0]) < 2e-5
     with pytest.raises(ValueError, match="form"):
         linear_attention(q, k, v, form="fast")
     with pytest.raises(ValueError, match="log_decay"):
@@ -126,7 +127,7 @@ def test_gradients_match_float64():
 
 def test_bfloat16_inputs():
     q, k, v, g = inputs(8, t=33, decay="head")
-    o = linear_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), g, chunk_size=8)
+    o = _jit(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), g, None, chunk_size=8)
     assert o.dtype == jnp.bfloat16
     assert rel(o.astype(jnp.float32), ref_np(q, k, v, g)[0]) < 2e-2
 
@@ -135,17 +136,22 @@ def test_strong_decay_long_chunk_is_finite():
     """Slope 0.5 over a 256-chunk: e^{-128} factors underflow harmlessly, nothing overflows."""
     q, k, v, _ = inputs(9, b=1, t=300, h=1)
     g = np.full((1,), -0.5, np.float32)
-    o = linear_attention(q, k, v, g, chunk_size=256)
+    o = _jit(q, k, v, g, None, chunk_size=256)
     assert rel(o, ref_np(q, k, v, g)[0]) < 2e-5
 
 
 def test_fla_golden():
     """Golden outputs of fla-core 0.6.0's naive simple-GLA / linear-attention references."""
-    z = np.load(FIXTURE)
-    for name in ("const", "data"):
-        q, k, v, g, s0 = (z[f"{name}_{x}"] for x in ("q", "k", "v", "g", "h0"))
-        o, s = linear_attention(q, k, v, g, chunk_size=16,  # g: [H] (const) or [B, T, H]
-                                initial_state=s0, return_state=True)
-        assert rel(o, z[f"{name}_o"]) < 2e-5 and rel(s, z[f"{name}_ht"]) < 2e-5
-    o = linear_attention(z["plain_q"], z["plain_k"], z["plain_v"], chunk_size=16)
+    z = dict(np.load(FIXTURE))
+
+    @jax.jit
+    def run(z):
+        out = {n: linear_attention(*(z[f"{n}_{x}"] for x in "qkvg"), chunk_size=16,  # g [H]/[B,T,H]
+                                   initial_state=z[f"{n}_h0"], return_state=True)
+               for n in ("const", "data")}
+        return out, linear_attention(z["plain_q"], z["plain_k"], z["plain_v"], chunk_size=16)
+
+    out, o = run(z)
+    for name, (o_n, s_n) in out.items():
+        assert rel(o_n, z[f"{name}_o"]) < 2e-5 and rel(s_n, z[f"{name}_ht"]) < 2e-5
     assert rel(o, z["plain_o"]) < 2e-5
