@@ -318,6 +318,9 @@ def validate(cfg: Config) -> Config:
     if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
         raise ConfigError(
             f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+    if m.layer_pattern and (set(m.layer_pattern) - {"L", "S"} or m.n_layers % len(m.layer_pattern)):
+        raise ConfigError(f"model.layer_pattern={m.layer_pattern!r}: use only L/S, with a length "
+                          f"that divides model.n_layers={m.n_layers}")
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")

@@ -23,6 +23,8 @@ TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
     (["model.vocab_size=100"], "model.vocab_size=100 is smaller"),
     (["train.batch_size=6", "mesh.fsdp=-1"], "not divisible by mesh.data*mesh.fsdp"),
     (["notakeyvalue"], "bad override 'notakeyvalue'"),
+    (["model.layer_pattern=LXS"], "model.layer_pattern='LXS'"),
+    (["model.layer_pattern=LS"], "has L layers but model.attention=softmax"),
 ])
 def test_train_user_errors(argv, needle, capsys, tmp_path):
     code = train_main([TINY, f"out_dir={tmp_path}", *argv])

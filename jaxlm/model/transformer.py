@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.model.layers import Block, RMSNorm, param
 from jaxlm.model.linear import TNLBlock
 from jaxlm.sharding import shard
@@ -62,10 +62,10 @@ def layer_pattern(cfg: ModelConfig) -> str:
     divide n_layers; layer l has kind pattern[l % p] (e.g. "LLLS": one softmax layer every 4)."""
     pattern = cfg.layer_pattern or ("S" if cfg.attention == "softmax" else "L")
     if set(pattern) - {"L", "S"} or cfg.n_layers % len(pattern):
-        raise ValueError(f"model.layer_pattern={cfg.layer_pattern!r}: use only L/S, with a length "
+        raise ConfigError(f"model.layer_pattern={cfg.layer_pattern!r}: use only L/S, with a length "
                          f"that divides model.n_layers={cfg.n_layers}")
     if "L" in pattern and cfg.attention == "softmax":
-        raise ValueError("model.layer_pattern has L layers but model.attention=softmax; choose a "
+        raise ConfigError("model.layer_pattern has L layers but model.attention=softmax; choose a "
                          "linear variant (linear, retnet, tnl, simple_gla)")
     return pattern
 
