@@ -17,6 +17,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +161,15 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
 
 
+def _suggest(word: str, options, prefix: str = "") -> str:
+    """'; did you mean 'train.lr'?' for the closest option to a typo, else ''."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+_EXAMPLES = {bool: "true", int: "8", float: "0.5", str: "text"}
+
+
 def _coerce(key: str, value, typ):
     """Check/convert one leaf value against its annotated type (int, float, bool, str)."""
     if typ is bool:
@@ -182,19 +193,24 @@ def _coerce(key: str, value, typ):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r} "
+                      f"(write e.g. {key}={_EXAMPLES.get(typ, '...')})")
 
 
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r} "
+                          f"(write e.g. {where}.key=value)")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}' (valid keys: {', '.join(sorted(names))})")
+            hint = _suggest(str(key), names, prefix) or (
+                f"; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
+                f"{', '.join(sorted(names))}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value or {}, f"{prefix}{key}.")
@@ -218,12 +234,14 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"bad override {item!r}: expected section.key=value")
+            raise ConfigError(f"bad override {item!r}: expected section.key=value "
+                              "(e.g. train.steps=100)")
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"bad value for {key}: {raw!r} ({e.__class__.__name__})") from None
+            raise ConfigError(f"bad value for {key}: {raw!r} is not valid YAML "
+                              f"({e.__class__.__name__}); quote or fix it") from None
         _set_path(tree, key.strip(), value)
     return tree
 
@@ -236,17 +254,28 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def read_yaml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file "
+                          "(e.g. configs/tiny.yaml)")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file, "
+                          "e.g. configs/tiny.yaml)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
-        raise ConfigError(f"invalid YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}; fix the syntax there") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start}); "
+                          "pass a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got "
+                          f"{type(data).__name__} (write e.g. 'train: {{steps: 100}}')")
     return data
 
 
@@ -292,47 +321,83 @@ def register_choice(key: str, value: str) -> None:
         _CHOICES[key] = _CHOICES[key] + (value,)
 
 
+def _leaves(cfg: Config):
+    """('train.lr', 1e-3), ('seed', 0), ... for every field of the config."""
+    for name, value in to_dict(cfg).items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, leaf in items:
+            yield (f"{name}.{key}" if key else name), leaf
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}"
+                              f"{_suggest(str(value), allowed, key + '=')}")
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+    if not cfg.out_dir.strip():
+        raise ConfigError("out_dir is empty; set out_dir=<a directory for checkpoints and logs>")
     m, t = cfg.model, cfg.train
     positive = {"model.d_model": m.d_model, "model.n_layers": m.n_layers,
                 "model.n_heads": m.n_heads, "model.d_ff": m.d_ff,
                 "data.seq_len": cfg.data.seq_len,
                 "train.steps": t.steps, "train.batch_size": t.batch_size,
                 "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
-                "ckpt.keep": cfg.ckpt.keep}
+                "ckpt.keep": cfg.ckpt.keep, "model.rope_theta": m.rope_theta,
+                "model.norm_eps": m.norm_eps, "optim.eps": cfg.optim.eps}
     for key, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
+            raise ConfigError(f"{key}={value} must be > 0")
+    non_negative = {"train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
+                    "train.sample_tokens": t.sample_tokens, "train.z_loss": t.z_loss,
+                    "ckpt.every": cfg.ckpt.every, "optim.weight_decay": cfg.optim.weight_decay,
+                    "optim.grad_clip": cfg.optim.grad_clip, "model.init_std": m.init_std,
+                    "peak_flops": cfg.peak_flops, "data.pack_bins": cfg.data.pack_bins}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    for key, value in {"optim.b1": cfg.optim.b1, "optim.b2": cfg.optim.b2}.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} must be in [0, 1)")
     if m.vocab_size < 0:
         raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 0 (0 = from tokenizer)")
     if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}"
+                          "; choose n_heads that divides d_model")
     if m.head_dim % 2:
-        raise ConfigError(f"head dim d_model/n_heads={m.head_dim} must be even for RoPE")
+        raise ConfigError(f"head dim d_model/n_heads={m.head_dim} must be even for RoPE; change "
+                          "model.d_model or model.n_heads")
     if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
         raise ConfigError(
-            f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}")
+            f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}; "
+            "choose n_kv_heads dividing n_heads (0 = n_heads)")
     if m.layer_pattern and (set(m.layer_pattern) - {"L", "S"} or m.n_layers % len(m.layer_pattern)):
         raise ConfigError(f"model.layer_pattern={m.layer_pattern!r}: use only L/S, with a length "
                           f"that divides model.n_layers={m.n_layers}")
     if t.batch_size % t.grad_accum:
         raise ConfigError(
-            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}; "
+            "choose a grad_accum that divides batch_size")
     if not 0 <= t.stop_at <= t.steps:
         raise ConfigError(f"train.stop_at={t.stop_at} must be in [0, train.steps={t.steps}]")
-    if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr} must be > 0 (e.g. train.lr=1e-3)")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if t.warmup_steps < 0:  # warmup longer than the run is clamped by the schedule
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"mesh sizes {sizes}: each must be positive, at most one may be -1 (fill)")
+    named = " ".join(f"mesh.{a}={s}" for a, s in zip(("data", "fsdp", "tensor"), sizes))
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"{named}: each mesh size must be positive or -1 (fill)")
+    if sum(s == -1 for s in sizes) > 1:
+        raise ConfigError(f"{named}: at most one mesh size may be -1 (fill); give the others "
+                          "explicit sizes")
     return cfg

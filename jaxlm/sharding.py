@@ -57,17 +57,20 @@ log = logging.getLogger("jaxlm")
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     """Resolve the ``-1`` (fill) entry and check the product equals the device count."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    named = " ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"{named}: sizes must be positive with at most one -1 (fill)")
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % fixed:
             raise ConfigError(
-                f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill {n_devices} devices "
-                f"({n_devices} is not divisible by {fixed}); change mesh.* sizes")
+                f"{named} cannot fill {n_devices} devices ({fixed} does not divide "
+                f"{n_devices}); make the sizes other than -1 multiply to a divisor of {n_devices}")
         sizes[sizes.index(-1)] = n_devices // fixed
     if math.prod(sizes) != n_devices:
         raise ConfigError(
-            f"mesh data*fsdp*tensor = {math.prod(sizes)} but there are {n_devices} devices; "
-            "set the sizes to multiply to the device count (or use -1 to fill)")
+            f"{named} uses {math.prod(sizes)} devices but there are {n_devices}; make the sizes "
+            f"multiply to {n_devices} or set one to -1 (fill)")
     return tuple(sizes)
 
 

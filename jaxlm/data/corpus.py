@@ -172,8 +172,10 @@ def load_corpus(path: str, tokenizer: Tokenizer, *, fmt: str = "auto", separator
                 what: str = "data.path") -> TokenCorpus:
     """Tokenize ``path`` once (cached) and memory-map it. See the module docstring."""
     fmt = resolve_format(path, fmt)
+    if os.path.isdir(path):
+        raise ConfigError(f"{what}: {path} is a directory (point {what} at a corpus file)")
     if not os.path.exists(path):
-        raise ConfigError(f"{what}: file not found: {path}")
+        raise ConfigError(f"{what}: file not found: {path} (point {what} at a corpus file)")
     if os.path.getsize(path) == 0:
         raise ConfigError(f"{what}: file is empty: {path} (point {what} at a non-empty corpus)")
     cache_dir = cache_dir or default_cache_dir()

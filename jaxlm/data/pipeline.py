@@ -65,10 +65,16 @@ class DataSource(Protocol):
 
 def read_text(path: str, what: str = "data.path") -> str:
     """Read a UTF-8 text file; missing / empty / undecodable -> one-line ConfigError."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what}: {path} is a directory (point {what} at a UTF-8 text file)")
     if not os.path.isfile(path):
         raise ConfigError(f"{what}: file not found: {path} (point {what} at a UTF-8 text file)")
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read {path}: {e.strerror} (check its permissions)"
+                          ) from None
     if not raw:
         raise ConfigError(f"{what}: file is empty: {path} (point {what} at a non-empty text file)")
     try:
