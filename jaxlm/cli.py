@@ -13,6 +13,7 @@ Each is ``main(argv) -> exit code`` around a plain function that notebooks call 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -26,14 +27,24 @@ def _guard(fn, argv) -> int:
     try:
         return fn(argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # always one line
         return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ConfigError line (not usage text + exit)."""
+
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _train(argv) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    if argv and argv[0].startswith("-"):
+        raise ConfigError(f"jaxlm-train: unknown option {argv[0]!r} (usage: jaxlm-train "
+                          "[CONFIG.yaml] [section.key=value ...])")
     from jaxlm.config import load_config
 
     path = argv[0] if argv and "=" not in argv[0] else None
@@ -65,7 +76,7 @@ def _is_primary() -> bool:
 
 
 def _sample(argv) -> int:
-    p = argparse.ArgumentParser(prog="jaxlm-sample", description="Sample from a checkpoint.")
+    p = _Parser(prog="jaxlm-sample", description="Sample from a checkpoint.")
     p.add_argument("--ckpt", required=True, help="the out_dir of a training run")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -75,9 +86,14 @@ def _sample(argv) -> int:
     p.add_argument("--greedy", action="store_true", help="temperature 0 (argmax)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or a.max_new_tokens <= 0:
-        raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, "
-                          "--max-new-tokens > 0")
+    checks = {"--temperature": (a.temperature, math.isfinite(a.temperature)
+                                and a.temperature >= 0, "a finite number >= 0"),
+              "--top-p": (a.top_p, 0 < a.top_p <= 1, "in (0, 1]"),
+              "--top-k": (a.top_k, a.top_k >= 0, ">= 0 (0 = off)"),
+              "--max-new-tokens": (a.max_new_tokens, a.max_new_tokens > 0, "> 0")}
+    for flag, (value, ok, want) in checks.items():
+        if not ok:
+            raise ConfigError(f"jaxlm-sample: {flag} {value} must be {want}")
     from jaxlm.data.tokenizer import get_tokenizer
     from jaxlm.sample import sample_text
     from jaxlm.train.checkpoint import load_trained
@@ -92,12 +108,17 @@ def _sample(argv) -> int:
 
 
 def _eval(argv) -> int:
-    p = argparse.ArgumentParser(prog="jaxlm-eval", description="Evaluate a checkpoint on a file.")
+    p = _Parser(prog="jaxlm-eval", description="Evaluate a checkpoint on a file.")
     p.add_argument("--ckpt", required=True, help="the out_dir of a training run")
     p.add_argument("--data", required=True, help="a UTF-8 text file")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole file")
     a = p.parse_args(argv)
+    if a.batch_size < 0 or a.max_batches < 0:
+        raise ConfigError(f"jaxlm-eval: --batch-size {a.batch_size} and --max-batches "
+                          f"{a.max_batches} must be >= 0 (0 = default / the whole file)")
+    if not os.path.isfile(a.data):  # fail before loading the checkpoint
+        raise ConfigError(f"jaxlm-eval: --data {a.data} is not a file (pass a UTF-8 text file)")
     from jaxlm.eval import evaluate_file
 
     r = evaluate_file(a.ckpt, a.data, batch_size=a.batch_size, max_batches=a.max_batches)
@@ -124,7 +145,9 @@ COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main}
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m jaxlm.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        got = f"unknown command {argv[0]!r}" if argv else "no command"
+        print(f"error: {got} (usage: python -m jaxlm.cli {{{','.join(COMMANDS)}}} ...)",
+              file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
 
