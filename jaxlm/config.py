@@ -267,7 +267,8 @@ def read_yaml(path: str) -> dict:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
-        raise ConfigError(f"invalid YAML in {path}{where}: {problem}; fix the syntax there") from None
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}; fix the syntax there"
+                          ) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start}); "
                           "pass a YAML file") from None
