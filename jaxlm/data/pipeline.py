@@ -18,11 +18,14 @@ Modes ``pack`` (:mod:`jaxlm.data.packing`) and ``dd`` (Dataset Decomposition,
 with ``register_data_mode(name, builder)``; a builder maps a DataConfig to any object that follows
 the :class:`DataSource` protocol.
 
-Training iterator (grain): source(windows) -> this process's shard
-``[process_index::process_count]`` -> shuffle(seed) -> repeat(None) (reshuffled each epoch) ->
-batch(local) -> iterator. Rows are built lazily, so a process only materialises its own rows. The
-iterator state is tiny (``{'next_index': k}``) and checkpoints with ``it.get_state()/set_state()``
-or orbax ``grain.checkpoint.CheckpointSave/CheckpointRestore``.
+Training iterator (grain): source(windows) -> shuffle(seed) -> repeat(None) (reshuffled each
+epoch) -> batch(local) -> every ``process_count``-th block from ``process_index``. The shuffle is a
+lazy index permutation and rows are built only when read, so a process reads only its own rows:
+global batch b is rows ``[b*B, (b+1)*B)`` of the shuffled stream and process p reads its
+``[p*local, (p+1)*local)`` part. The global batches are therefore the same for any process count
+(a 2-host run trains on exactly the batches of a 1-host run). The iterator state is tiny
+(``{'next_index': k}``) and checkpoints with ``it.get_state()/set_state()`` or orbax
+``grain.checkpoint.CheckpointSave/CheckpointRestore``.
 
 Example::
 
@@ -128,17 +131,22 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
 
 def train_iterator_from_rows(rows, *, batch_size: int, process_index: int, process_count: int,
                              seed: int, shuffle: bool) -> grain.DatasetIterator:
-    """The shared grain pipeline: shard -> shuffle -> repeat forever -> batch -> iterator."""
+    """The shared grain pipeline: shuffle -> repeat forever -> blocks of ``local`` rows -> this
+    process's blocks (block k belongs to process k % process_count) -> iterator.
+
+    The ``process_count`` blocks of global batch b are consecutive, so the global batch (the local
+    batches concatenated in process order) does not depend on ``process_count``.
+    """
     local = local_batch_size(batch_size, process_count)
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
-    ds = grain.MapDataset.source(rows)[process_index::process_count]
-    if len(ds) == 0:
-        raise ConfigError(f"the train split has {len(rows)} windows, too few for "
-                          f"{process_count} processes (use more data or a smaller data.seq_len)")
+    if len(rows) == 0:
+        raise ConfigError("the train split has no windows (use more data or a smaller "
+                          "data.seq_len)")
+    ds = grain.MapDataset.source(rows)
     if shuffle:
         ds = ds.shuffle(seed)
-    ds = ds.repeat(None).batch(local, drop_remainder=True)
+    ds = ds.repeat(None).batch(local, drop_remainder=True)[process_index::process_count]
     # Small thread pool and buffer: batches are cheap slices, and a deep buffer only costs memory.
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
     return iter(ds.to_iter_dataset(read))
