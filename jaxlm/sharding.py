@@ -77,8 +77,37 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    check_process_layout(mesh.devices)
+    return mesh
+
+
+def batch_shards_by_process(grid) -> dict[int, set[int]]:
+    """[data, fsdp, tensor] grid of devices -> {process index: the batch shards its devices hold}.
+
+    The batch is split over (data, fsdp): device (i, j, k) holds batch shard ``i * fsdp + j``.
+    """
+    fsdp = grid.shape[1]
+    out: dict[int, set[int]] = {}
+    for (i, j, _), device in np.ndenumerate(grid):
+        out.setdefault(device.process_index, set()).add(i * fsdp + j)
+    return out
+
+
+def check_process_layout(grid) -> None:
+    """Each process loads only its own rows (:func:`host_to_global`), so every batch shard must
+    live on exactly one process and all processes must hold equally many. A mesh whose ``tensor``
+    axis spans processes breaks this (two processes would each supply the same rows)."""
+    shards = batch_shards_by_process(grid)
+    if len(shards) < 2:
+        return
+    owned = [len(s) for s in shards.values()]
+    if len(set().union(*shards.values())) != sum(owned) or len(set(owned)) != 1:
+        sizes = dict(zip(MESH_AXES, grid.shape))
+        raise ConfigError(
+            f"mesh {sizes} puts a batch shard on several of the {len(shards)} processes; "
+            f"make mesh.data*mesh.fsdp a multiple of {len(shards)} and keep mesh.tensor "
+            "within one process's devices")
 
 
 def logical_to_spec(names, rules=RULES) -> P:
