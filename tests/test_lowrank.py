@@ -133,9 +133,43 @@ def test_sltrain_sparse_gradient_is_gathered_dense_gradient():
                                np.asarray(g_dense)[np.arange(8)[:, None], cols], rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["adamw", "galore", "fira"])
+def test_momentum_reset_is_generic(name):
+    """``optim.reset_every`` through build_optimizer: every Adam/GaLore sub-state restarts."""
+    from jaxlm.optim.galore import GaLoreState
+
+    def run(reset_every):
+        cfg = load_config(None, TINY + [f"optim.name={name}", "optim.rank=2", "optim.proj_gap=2", "optim.grad_clip=0",
+                                        f"optim.reset_every={reset_every}"])
+        model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        grads = [jax.tree.map(lambda x, k=k: jnp.sin(x * 100.0 + k), params) for k in range(4)]
+        tx = build_optimizer(cfg)
+        s = tx.init(params)
+        for g in grads:
+            _, s = tx.update(g, s, params)
+        kinds = (optax.ScaleByAdamState, GaLoreState)
+        subs = [x for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, kinds))
+                if isinstance(x, kinds)]
+        return subs, grads[-1]
+
+    subs, _ = run(0)
+    assert subs and all(int(x.count) == 4 for x in subs)
+    subs, g4 = run(3)  # reset before update 4: one update since, moments from g4 alone
+    assert subs and all(int(x.count) == 1 for x in subs)
+    for x in subs:
+        if isinstance(x, optax.ScaleByAdamState):
+            for mu, g in zip(jax.tree.leaves(x.mu), jax.tree.leaves(g4)):
+                if mu.shape == g.shape and mu.size:
+                    np.testing.assert_allclose(np.asarray(mu), 0.1 * np.asarray(g), rtol=1e-5,
+                                               atol=1e-7)
+
+
 def test_optimizer_needs_matching_weights_and_restarts_build():
     with pytest.raises(ConfigError, match="model.weights=lowrank"):
         build_optimizer(load_config(None, TINY + ["optim.name=lowrank"]))
+    with pytest.raises(ConfigError, match="optim.refactor_every re-balances"):
+        build_optimizer(load_config(None, TINY + ["optim.refactor_every=5"]))
     cfg = load_config(None, TINY + ["model.weights=sltrain", "optim.name=sltrain",
                                     "optim.reset_every=4", "optim.refactor_every=4"])
     assert build_optimizer(cfg) is not None

@@ -18,6 +18,9 @@ Stacked (scanned) layers carry a leading ``[n_layers]`` axis, which is why ndim 
 
 Plug-ins add optimizers with :func:`register_optimizer` (which also extends the validated
 ``optim.name`` choices); a builder takes the full :class:`~jaxlm.config.Config`.
+:func:`build_optimizer` wraps whatever the builder returns with the generic restarts of
+:mod:`jaxlm.optim.restarts` (momentum reset + LR re-warmup, weight refactorization), so
+``optim.reset_every`` works for every method, ``adamw`` included.
 
 Example::
 
@@ -55,12 +58,15 @@ def register_optimizer(name: str, builder: OptimizerBuilder) -> None:
 
 
 def build_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """The optimizer named by ``cfg.optim.name`` (raises ConfigError if it is not registered)."""
+    """The optimizer named by ``cfg.optim.name`` (raises ConfigError if it is not registered),
+    with the restarts of ``optim.reset_every`` / ``optim.refactor_every`` when they are set."""
+    from jaxlm.optim.restarts import with_restarts
+
     builder = OPTIMIZERS.get(cfg.optim.name)
     if builder is None:
         raise ConfigError(f"optim.name={cfg.optim.name!r} is not a registered optimizer "
                           f"(available: {', '.join(sorted(OPTIMIZERS))})")
-    return builder(cfg)
+    return with_restarts(cfg, builder(cfg))
 
 
 def lr_at(cfg: Config, step) -> float:

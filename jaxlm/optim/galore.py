@@ -63,6 +63,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm.optim.restarts import register_resettable
+
 
 class Layout(NamedTuple):
     """How a leaf ``[*batch, *in, *out]`` is a batch of ``[a, b]`` matrices."""
@@ -81,6 +83,9 @@ class GaLoreState(NamedTuple):
     nu: Any
     proj: Any  # per leaf [..., a, r] or [..., b, r]
     rnorm: Any  # per leaf [...] Fira limiter state ‖S_{k-1}‖ (unused until count > 0)
+
+
+register_resettable(GaLoreState)  # momentum reset zeroes it: projector recomputed right away
 
 
 class _Geo(NamedTuple):  # static per-leaf geometry
@@ -302,7 +307,6 @@ def build_galore(cfg, residual: str = "none") -> optax.GradientTransformation:
     """
     from jaxlm.config import ConfigError
     from jaxlm.optim.build import decay_mask, with_clipping
-    from jaxlm.optim.lowrank import with_restarts
     from jaxlm.optim.schedules import make_schedule
 
     o = cfg.optim
@@ -327,4 +331,4 @@ def build_galore(cfg, residual: str = "none") -> optax.GradientTransformation:
         return jax.tree_util.tree_map_with_path(one, params)
 
     tx = optax.partition({"galore": low, "adamw": full}, labels)
-    return with_restarts(cfg, with_clipping(o, tx))
+    return with_clipping(o, tx)  # (+ restarts, applied by build_optimizer)
