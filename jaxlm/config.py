@@ -151,7 +151,11 @@ class CkptConfig:
 class Config:
     out_dir: str = "out/run"
     seed: int = 0
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    distributed: bool = False  # multi-process run: jaxlm.distributed.initialize (docs/multihost.md)
+    # Explicit cluster (auto-detected on Cloud TPU, Slurm, Open MPI; give them elsewhere):
+    coordinator_address: str = ""  # host:port of process 0 ("" = auto / $JAX_COORDINATOR_ADDRESS)
+    num_processes: int = 0  # processes in the job (0 = auto-detect)
+    process_id: int = -1  # this process's index in [0, num_processes) (-1 = auto-detect)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = measure with a matmul probe
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -394,6 +398,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    if cfg.num_processes < 0:
+        raise ConfigError(f"num_processes={cfg.num_processes} must be >= 0 (0 = auto-detect)")
+    if cfg.process_id < -1 or (cfg.num_processes and cfg.process_id >= cfg.num_processes):
+        raise ConfigError(f"process_id={cfg.process_id} must be in [0, num_processes="
+                          f"{cfg.num_processes}) or -1 (auto-detect)")
+    if not cfg.distributed and (cfg.coordinator_address or cfg.num_processes
+                                or cfg.process_id >= 0):
+        raise ConfigError("coordinator_address / num_processes / process_id are set but "
+                          "distributed=false; add distributed=true")
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     named = " ".join(f"mesh.{a}={s}" for a, s in zip(("data", "fsdp", "tensor"), sizes))
     if any(s == 0 or s < -1 for s in sizes):

@@ -165,8 +165,8 @@ def method_memory(cfg: Config) -> str:
 
 def run(cfg: Config) -> dict:
     """Train per ``cfg``; returns final metrics. Raises ConfigError for user errors."""
-    if cfg.distributed:
-        jax.distributed.initialize()
+    from jaxlm import distributed  # join a multi-process job (cfg.distributed) before any JAX op
+    distributed.initialize(cfg)
     setup_logging()
     data = make_data_source(cfg.data)
     cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
