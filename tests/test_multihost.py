@@ -150,8 +150,8 @@ def launch(tmp, name, overrides, n=2, timeout=420):
                                           stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.poll() not in (None, 0)]
-            assert not failed and time.monotonic() < deadline, "a child failed or timed out"
+            assert all(p.poll() in (None, 0) for p in procs), "a child failed"
+            assert time.monotonic() < deadline, f"timed out after {timeout} s"
             time.sleep(0.5)
         assert all(p.returncode == 0 for p in procs)
     except AssertionError as e:
