@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxlm.utils.inspect import (bytes_per_device, compiled_text, count_collectives,
+from jaxlm.utils.inspect import (bytes_per_device, compile_step, compiled_text, count_collectives,
                                  linear_attention_matrix, read_metrics, sharding_table,
                                  time_call, tree_bytes)
 
@@ -57,6 +57,8 @@ def test_sharded_step_collectives_and_bytes_per_device():
     assert sum(c.values()) >= 1 and c["all-reduce"] + c["reduce-scatter"] >= 1
     g = jax.jit(lambda w: w * 2, in_shardings=sh, out_shardings=NamedSharding(mesh, P()))
     assert count_collectives(compiled_text(g, w, mesh=mesh))["all-gather"] >= 1
+    exe = compile_step(g, w)  # a callable Compiled
+    np.testing.assert_array_equal(np.asarray(exe(w)), 2 * np.ones((16, 4)))
 
     table = sharding_table({"w": w, "b": b})
     assert "('x', None)" in table and "(2, 4)" in table and "['b']" in table

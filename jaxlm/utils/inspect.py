@@ -7,8 +7,8 @@ Python / numpy values.
 * :func:`read_metrics` — ``<out_dir>/metrics.jsonl`` as numpy columns (train and eval lines apart).
 * :func:`sharding_table`, :func:`bytes_per_device`, :func:`tree_bytes` — where the arrays of a
   pytree live and how many bytes each device holds.
-* :func:`compiled_text`, :func:`count_collectives` — the optimized HLO of a jitted step and the
-  collectives (all-gather, reduce-scatter, all-reduce, …) XLA inserted for its shardings.
+* :func:`compile_step`, :func:`compiled_text`, :func:`count_collectives` — the optimized HLO of
+  a jitted step and the collectives (all-gather, reduce-scatter, all-reduce, …) XLA inserted for its shardings.
 * :func:`time_call` — best-of-N wall time of a jitted call (compile excluded).
 * :func:`linear_attention_matrix` — the T×T token-mixing matrix that
   :func:`jaxlm.ops.linear_attention` applies, recovered from the kernel itself.
@@ -117,8 +117,9 @@ def sharding_table(tree, max_rows: int = 0) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def compiled_text(fn, *args, mesh=None) -> str:
-    """Optimized HLO text of ``fn`` compiled for ``args`` (arrays or ShapeDtypeStructs).
+def compile_step(fn, *args, mesh=None):
+    """``fn`` lowered and compiled for ``args`` (arrays or ShapeDtypeStructs): a ``jax.stages.
+    Compiled`` you can call with matching arrays and read with ``.as_text()``.
 
     ``fn`` is a ``jax.jit`` function, or a step from :func:`jaxlm.train.step.make_train_step` /
     ``make_eval_step`` (its ``.jitted`` is used). ``mesh`` is made current while lowering, as the
@@ -128,9 +129,14 @@ def compiled_text(fn, *args, mesh=None) -> str:
 
     jitted = getattr(fn, "jitted", fn)
     if mesh is None:
-        return jitted.lower(*args).compile().as_text()
+        return jitted.lower(*args).compile()
     with jax.set_mesh(mesh):
-        return jitted.lower(*args).compile().as_text()
+        return jitted.lower(*args).compile()
+
+
+def compiled_text(fn, *args, mesh=None) -> str:
+    """Optimized HLO text of ``fn`` compiled for ``args`` (see :func:`compile_step`)."""
+    return compile_step(fn, *args, mesh=mesh).as_text()
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
@@ -169,13 +175,19 @@ def linear_attention_matrix(log_decay, length: int, **kwargs: Any) -> np.ndarray
     (Lightning Attention-2 eq. 3). ``log_decay``: [H] per-head log λ (≤ 0); ``kwargs`` go to the
     kernel (``form``, ``chunk_size``). Runs the library kernel, so it pictures what it computes.
     """
+    import jax
     import jax.numpy as jnp
 
     from jaxlm.ops import linear_attention
 
     g = jnp.asarray(log_decay, jnp.float32)
     h, t = g.shape[0], int(length)
-    ones = jnp.ones((1, t, h, 1), jnp.float32)
-    eye = jnp.broadcast_to(jnp.eye(t, dtype=jnp.float32)[None, :, None, :], (1, t, h, t))
-    o = linear_attention(ones, ones, eye, g, **kwargs)  # [1, T, H, T]
-    return np.asarray(jnp.transpose(o[0], (1, 0, 2)))  # [H, T(t), T(s)]
+
+    @jax.jit
+    def matrix(g):
+        ones = jnp.ones((1, t, h, 1), jnp.float32)
+        eye = jnp.broadcast_to(jnp.eye(t, dtype=jnp.float32)[None, :, None, :], (1, t, h, t))
+        o = linear_attention(ones, ones, eye, g, **kwargs)  # [1, T, H, T]
+        return jnp.transpose(o[0], (1, 0, 2))  # [H, T(t), T(s)]
+
+    return np.asarray(matrix(g))
