@@ -110,6 +110,15 @@ class TrainConfig:
     eval_every: int = 200  # 0 = only at the end
     eval_batches: int = 8
     sample_tokens: int = 200  # tokens sampled at the end of jaxlm-train (0 = none)
+    # A step whose loss or gradients are NaN/inf is never applied (params and optimizer state
+    # stay as they were; the step counter and data still advance). skip: count it (metrics.jsonl
+    # `nonfinite_skips`, a log line) and go on; stop: end the run with an error at the next
+    # metrics fetch, before any checkpoint after it, so the latest checkpoint is the last good.
+    nonfinite: str = "skip"  # skip | stop
+
+    def __post_init__(self):
+        if self.nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"train.nonfinite={self.nonfinite!r} is not one of: skip, stop")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,20 @@ Data flow::
 A run whose ``out_dir`` already holds a checkpoint continues from it: same params, optimizer
 state, step, RNG and data-iterator position, so "stop at N/2, rerun" equals "run to N".
 
+Fault model (what the loop survives; checkpoint-level faults are in jaxlm/train/checkpoint.py):
+
+* killed at any moment (SIGKILL, OOM, preemption without notice): the rerun resumes from the
+  newest complete checkpoint and redoes the lost steps identically; ``metrics.jsonl`` is cut back
+  to that step (a torn last line from the kill is dropped), so it stays one clean curve;
+* SIGTERM/SIGINT: checkpoint at the next step boundary, exit 0;
+* a damaged latest checkpoint: one log line, resume from the previous good one;
+* NaN/inf loss or gradients: the update is not applied (jaxlm/train/step.py); ``train.nonfinite``
+  = ``skip`` logs and counts it (``nonfinite_skips`` in metrics.jsonl), ``stop`` raises
+  :class:`NonFiniteError` at the next metrics fetch or checkpoint, whichever comes first, so no
+  checkpoint is written after the bad step;
+* unwritable out_dir or a failed checkpoint write (disk full): one-line error, earlier
+  checkpoints intact. Every error path waits for checkpoint writes already in flight.
+
 Example::
 
     from jaxlm.config import load_config
@@ -22,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,7 +50,7 @@ from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data import make_data_source
 from jaxlm.optim import build_optimizer, make_schedule
 from jaxlm.sharding import host_to_global, make_mesh
-from jaxlm.train.checkpoint import Checkpointer, check_compatible, is_primary
+from jaxlm.train.checkpoint import Checkpointer, check_compatible, is_primary, reason
 from jaxlm.train.state import StateSpec, resolve_vocab
 from jaxlm.train.step import make_eval_step, make_train_step
 from jaxlm.utils.flops import estimate_state_bytes, flops_per_token, format_bytes
@@ -100,15 +115,70 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class NonFiniteError(ConfigError):
+    """``train.nonfinite=stop`` met a NaN/inf loss or gradient (one line for the user)."""
+
+
 def trim_metrics(out_dir: str, step: int) -> None:
-    """On resume, drop logged lines past the restored step (they will be logged again)."""
+    """On resume, drop logged lines past the restored step (they will be logged again), and a
+    line torn by a kill mid-write; rewritten atomically, so a crash here loses nothing."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+        for ln in f:
+            try:
+                if ln.endswith("\n") and json.loads(ln).get("step", 0) <= step:
+                    keep.append(ln)
+            except ValueError:  # a torn or garbled line
+                continue
+    _write_atomic(path, "".join(keep))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _first_nonfinite(pending) -> int | None:
+    """The first step in ``pending`` [(step, metrics, seq_len)] whose update was not applied
+    (fetches only those flags: one small host sync)."""
+    flags = jax.device_get([m["nonfinite"] for _, m, _ in pending])
+    return next((s for (s, _, _), bad in zip(pending, flags) if bad), None)
+
+
+def _save_checked(ckpt: Checkpointer, step: int, state, train_iter, cfg: Config, pending) -> None:
+    """Checkpoint, unless ``train.nonfinite=stop`` and a not-yet-logged step was non-finite."""
+    if cfg.train.nonfinite == "stop" and pending:
+        bad = _first_nonfinite(pending)
+        if bad is not None:
+            raise _nonfinite_error(bad, ckpt)
+    ckpt.save(step, state, train_iter, cfg)
+
+
+@contextlib.contextmanager
+def _finish_writes_on_error(ckpt: Checkpointer, writer: MetricWriter):
+    """On any error, let checkpoint writes in flight complete and close the metrics (and the
+    progress bar, so the CLI's error line comes last) before the error propagates."""
+    try:
+        yield
+    except BaseException:
+        ckpt.abort()
+        writer.close()
+        raise
+
+
+def _nonfinite_error(step: int, ckpt: Checkpointer) -> NonFiniteError:
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = f"the latest checkpoint is the last good one (step {last})" if last is not None \
+        else "no checkpoint was written"
+    return NonFiniteError(
+        f"step {step}: non-finite loss or gradients (train.nonfinite=stop); stopped without "
+        f"saving, {kept} in {ckpt.dir} — lower train.lr, check the data, or set "
+        "train.nonfinite=skip")
 
 
 def evaluate(eval_fn, params, batches, mesh) -> dict:
@@ -161,8 +231,6 @@ def method_memory(cfg: Config) -> str:
         f"({b / sizes['adamw']:.2f}x)" for m, b in sizes.items())
 
 
-
-
 def run(cfg: Config) -> dict:
     """Train per ``cfg``; returns final metrics. Raises ConfigError for user errors."""
     from jaxlm import distributed  # join a multi-process job (cfg.distributed) before any JAX op
@@ -180,23 +248,35 @@ def run(cfg: Config) -> dict:
     spec = StateSpec.build(cfg, mesh, build_optimizer(cfg))
     describe(cfg, mesh, spec)
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create out_dir {cfg.out_dir}: {reason(e)}; choose a writable "
+                          "out_dir") from None
     ckpt = Checkpointer(cfg.out_dir, cfg.ckpt)
     pidx, pcount = jax.process_index(), jax.process_count()
     train_iter = data.train_iterator(batch_size=cfg.train.batch_size, process_index=pidx,
                                      process_count=pcount, seed=cfg.seed)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        check_compatible(ckpt.saved_config(latest), cfg)
-        state = ckpt.restore(latest, spec.abstract_with_shardings(), train_iter)
+
+    def target(saved: Config) -> dict:
+        check_compatible(saved, cfg)
+        return spec.abstract_with_shardings()
+
+    found = ckpt.restore_latest(target, train_iter, quarantine=True)
+    latest = found.step if found else None
+    if found:
+        state = found.state
         log.info("resumed from %s at step %d", ckpt.dir, latest)
-        if is_primary():
-            trim_metrics(cfg.out_dir, latest)
     else:
         state = spec.init()
     if is_primary():
-        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
+        try:
+            trim_metrics(cfg.out_dir, latest or 0)  # fresh start: drop a crashed run's lines
+            _write_atomic(os.path.join(cfg.out_dir, "config.yaml"), to_yaml(cfg))
+        except OSError as e:
+            ckpt.abort()
+            raise ConfigError(f"cannot write to out_dir {cfg.out_dir}: {reason(e)}; choose a "
+                              "writable out_dir") from None
 
     start = int(jax.device_get(state["step"]))
     end = cfg.train.stop_at or cfg.train.steps
@@ -209,10 +289,10 @@ def run(cfg: Config) -> dict:
     fpt = {}  # sequence length -> FLOPs per token (variable-length batches in dd mode)
     writer = MetricWriter(cfg.out_dir, enabled=is_primary(), total_steps=end, initial_step=start)
     result = {"out_dir": cfg.out_dir, "start_step": start, "step": start, "preempted": False,
-              "eval": None, "loss": None}
+              "eval": None, "loss": None, "nonfinite_skips": 0}
 
     pending, t_last, untimed, seen = [], None, set(), set()
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, _finish_writes_on_error(ckpt, writer):
         step = start
         while step < end:
             local = next(train_iter)
@@ -248,10 +328,19 @@ def run(cfg: Config) -> dict:
                 line = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                         "tokens": int(m["tokens"]), "seq_len": n,
                         "tokens_per_s": tps, "mfu": mfu(avg_fpt, tps, peak, len(jax.devices())),
-                        "step_time_s": (now - t_last) / len(timed) if timed else 0.0}
+                        "step_time_s": (now - t_last) / len(timed) if timed else 0.0,
+                        "nonfinite_skips": sum(int(f["nonfinite"]) for _, f, _ in fetched)}
                 writer.write(s, line)
                 writer.progress(s, {"loss": f"{m['loss']:.3f}", "tok/s": f"{tps:,.0f}"})
                 result["loss"] = float(m["loss"])
+                if line["nonfinite_skips"]:
+                    bad = next(b for b, f, _ in fetched if f["nonfinite"])
+                    if cfg.train.nonfinite == "stop":
+                        raise _nonfinite_error(bad, ckpt)
+                    result["nonfinite_skips"] += line["nonfinite_skips"]
+                    log.warning("steps %d-%d: %d update(s) skipped, non-finite loss or gradients "
+                                "(first at step %d; train.nonfinite=skip)", fetched[0][0], s,
+                                line["nonfinite_skips"], bad)
                 pending, t_last, untimed = [], now, set()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != end:
                 ev = evaluate(eval_step, state["params"], eval_batches, mesh)
@@ -263,7 +352,7 @@ def run(cfg: Config) -> dict:
                 result["preempted"] = True
                 break
             if ckpt.should_save(step) and step != end:
-                ckpt.save(step, state, train_iter, cfg)
+                _save_checked(ckpt, step, state, train_iter, cfg, pending)
         result["step"] = step
         if not result["preempted"] and (step > start or latest is None):
             ev = evaluate(eval_step, state["params"], eval_batches, mesh)
@@ -272,7 +361,7 @@ def run(cfg: Config) -> dict:
             log.info("step %d: eval loss %.4f  ppl %.2f  bpb %.4f", step, ev["loss"], ev["ppl"],
                      ev["bpb"])
             result["eval"] = ev
-        ckpt.save(step, state, train_iter, cfg)  # always leave a checkpoint at the end
+        _save_checked(ckpt, step, state, train_iter, cfg, pending)  # always one at the end
         ckpt.close()
     writer.close()
     result.update(state=state, spec=spec, tokenizer=data.tokenizer, cfg=cfg)

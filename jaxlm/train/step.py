@@ -10,6 +10,13 @@ so accumulating A micro-batches gives exactly the gradient of the full batch. Mi
 rows a, a+A, a+2A, … so every device contributes equally to every micro-batch (no resharding).
 Metrics stay on device; the loop fetches them every ``log_every`` steps (no per-step host sync).
 
+Non-finite guard (``train.nonfinite``): a device-side flag ``finite = isfinite(loss) and every
+gradient entry is finite`` selects, with ``jnp.where``, between the updated and the old params and
+optimizer state, so a step with a NaN/inf loss or gradient leaves both unchanged — whatever the
+mode; the loop then counts it (``skip``) or stops the run (``stop``). The step counter still
+advances (the batch was consumed and the LR schedule moves on), so step N always means N batches
+read and resume stays exact. ``metrics["nonfinite"]`` is 1 for such a step.
+
 Example (see jaxlm/train/loop.py for the full wiring)::
 
     step_fn = make_train_step(spec, schedule)       # jitted, donates the old state
@@ -68,11 +75,21 @@ def train_step(spec: StateSpec, schedule, state, batch):
         (grads, loss, nll_sum), _ = jax.lax.scan(
             micro, (zeros, jnp.zeros(()), jnp.zeros(())), _microbatches(batch, accum))
     updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state, "rng": state["rng"]}
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = {"step": state["step"] + 1,
+                 "params": jax.tree.map(keep_if_bad, optax.apply_updates(params, updates), params),
+                 "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"]),
+                 "rng": state["rng"]}
     metrics = {"loss": loss, "nll": nll_sum / denom, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state["step"]), "tokens": denom}
+               "lr": schedule(state["step"]), "tokens": denom,
+               "nonfinite": (~finite).astype(jnp.int32)}
     return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+    """True iff every entry of every array in ``tree`` is finite (a device-side bool scalar)."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def eval_step(spec: StateSpec, params, batch):
