@@ -132,7 +132,10 @@ def test_damaged_latest_falls_back_to_previous(base, tmp_path, caplog, kind):
     assert found.step == 10
     assert_same(found.state, base[2][10])
     bad = [r.getMessage() for r in caplog.records if "is unusable" in r.getMessage()]
-    assert len(bad) == 1 and "checkpoint step 20 in" in bad[0] and why in bad[0], bad
+    assert len(bad) == 1, bad  # one line: the step, the reason, what was done
+    assert bad[0].startswith(f"checkpoint step 20 in {out}/checkpoints is unusable (") and \
+        why in bad[0] and bad[0].endswith(f"moved it to {out}/checkpoints/20.corrupt, using "
+                                          "step 10"), bad
     assert listing(out) == ["10", "20.corrupt"]  # kept for the user, out of the way
 
 
@@ -158,13 +161,15 @@ def test_no_usable_checkpoint_is_one_line_error_and_renames_nothing(base, tmp_pa
     assert listing(out) == ["10", "20"]
 
 
-def test_load_trained_falls_back_without_touching_files(base, tmp_path):
+def test_load_trained_falls_back_without_touching_files(base, tmp_path, caplog):
     out = copy_of(base, tmp_path)
     garbage(os.path.join(out, "checkpoints", "20"))
-    cfg, _, params = load_trained(out)
+    cfg, _, params = load_trained(out)  # jaxlm-sample / jaxlm-eval
     assert cfg.train.steps == 20
     assert_same(params, base[2][10]["params"])
-    assert listing(out) == ["10", "20"]
+    assert listing(out) == ["10", "20"]  # read-only use: nothing renamed
+    assert any(r.getMessage().startswith("checkpoint step 20 in ") and
+               r.getMessage().endswith("skipped it, using step 10") for r in caplog.records)
 
 
 @pytest.mark.slow

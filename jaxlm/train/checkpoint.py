@@ -228,28 +228,36 @@ class Checkpointer:
         """The newest checkpoint that restores completely, or None if there is none at all.
 
         ``target(saved_config)`` gives the abstract state to restore onto; a ConfigError it raises
-        (a different model) propagates — that is not damage. A damaged step is logged in one line
-        and the previous one is tried; with ``quarantine`` the damaged steps newer than the one
-        restored are renamed ``<step>.corrupt`` (primary process) so their numbers can be saved
-        again. Raises CheckpointError if steps exist but none restores.
+        (a different model) propagates — that is not damage. Damaged steps are skipped, newest
+        first, and each is logged in one line (step, reason, what was done); with ``quarantine``
+        those newer than the step restored are renamed ``<step>.corrupt`` (by the primary
+        process) so their numbers can be saved again. Raises CheckpointError if steps exist but
+        none restores (then nothing is renamed).
         """
         self._log_unfinished()
-        bad = []
+        bad = []  # (step, reason), newest first
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 saved = self.saved_config(step)
             except Exception as e:  # noqa: BLE001 - any read failure means this step is bad
-                bad.append(self._report_bad(step, e))
+                bad.append((step, reason(e)))
                 continue
             abstract = target(saved)
             try:
                 state = self.restore(step, abstract, data_iter)
             except Exception as e:  # noqa: BLE001
-                bad.append(self._report_bad(step, e))
+                bad.append((step, reason(e)))
                 continue
+            for b, why in bad:
+                done = (f"moved it to {self._quarantine(b)}" if quarantine else "skipped it")
+                log.warning("checkpoint step %d in %s is unusable (%s); %s, using step %d",
+                            b, self.dir, why, done, step)
             if quarantine and bad:
-                self._quarantine([s for s, _ in bad])
+                ocp.multihost.sync_global_processes("jaxlm_checkpoint_quarantine")
+                self.manager.reload()
             return Restored(step, saved, state)
+        for b, why in bad:
+            log.warning("checkpoint step %d in %s is unusable (%s)", b, self.dir, why)
         if bad:
             step, why = bad[0]
             raise CheckpointError(
@@ -258,11 +266,15 @@ class Checkpointer:
                 + "; move that directory away to train from scratch, or restore it from a backup")
         return None
 
-    def _report_bad(self, step: int, e: Exception) -> tuple[int, str]:
-        why = reason(e)
-        log.warning("checkpoint step %d in %s is unusable (%s); trying the previous one",
-                    step, self.dir, why)
-        return step, why
+    def _quarantine(self, step: int) -> str:
+        """Rename a damaged step dir to ``<step>.corrupt`` (primary only); returns the new path."""
+        src = os.path.join(self.dir, str(step))
+        dst, n = src + CORRUPT_SUFFIX, 1
+        while os.path.exists(dst):
+            dst, n = f"{src}{CORRUPT_SUFFIX}-{n}", n + 1
+        if is_primary():
+            os.rename(src, dst)
+        return dst
 
     def _log_unfinished(self) -> None:
         if not os.path.isdir(self.dir):
@@ -271,19 +283,6 @@ class Checkpointer:
             if TMP_MARKER in name:
                 log.warning("ignoring unfinished checkpoint %s in %s (a save cut short by a "
                             "crash; replaced if that step is saved again)", name, self.dir)
-
-    def _quarantine(self, steps) -> None:
-        if is_primary():
-            for step in steps:
-                src = os.path.join(self.dir, str(step))
-                dst, n = src + CORRUPT_SUFFIX, 1
-                while os.path.exists(dst):
-                    dst, n = f"{src}{CORRUPT_SUFFIX}-{n}", n + 1
-                os.rename(src, dst)
-                log.warning("moved unusable checkpoint step %d to %s (kept for inspection)",
-                            step, dst)
-        ocp.multihost.sync_global_processes("jaxlm_checkpoint_quarantine")
-        self.manager.reload()
 
 
 def check_compatible(saved: Config, cfg: Config) -> None:
