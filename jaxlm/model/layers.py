@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,6 +43,10 @@ class Dense(nnx.Module):
     """y = x · W contracting the trailing ``len(in_shape)`` dims of x with W's leading dims.
 
     The one matmul holder of the model (the seam where a low-rank or sparse weight plugs in).
+    The product is taken as one 2-D matmul ``[N, I] @ [I, O]`` (N = all leading dims of x, I/O =
+    the flattened in/out dims; both reshapes are free). Written as a dot over ``[B, T, D]``
+    instead, the weight gradient contracts two dims (B and T) and XLA:CPU canonicalises it by
+    physically transposing the ``[B, T, F]`` activation gradient before every backward matmul.
     """
 
     def __init__(self, in_shape, out_shape, names, *, std, rngs):
@@ -49,8 +55,10 @@ class Dense(nnx.Module):
 
     def __call__(self, x):
         w = self.kernel[...].astype(x.dtype)
-        dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
-        return jax.lax.dot_general(x, w, dims)
+        lead, ins, outs = x.shape[:x.ndim - self.n_in], w.shape[:self.n_in], w.shape[self.n_in:]
+        x2 = x.reshape(math.prod(lead), math.prod(ins))  # [N, I]
+        w2 = w.reshape(math.prod(ins), math.prod(outs))  # [I, O]
+        return (x2 @ w2).reshape(lead + outs)  # [..., *out_shape]
 
 
 DENSE: dict[str, type] = {"dense": Dense}

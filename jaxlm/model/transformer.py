@@ -139,7 +139,11 @@ class Transformer(nnx.Module):
         if positions is None:
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-        x = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
+        # FSDP all-gathers the table's D dim before the lookup (as for every weight); gathering
+        # straight from E[V_tensor, D_fsdp] would give x[B, T, D_fsdp], and XLA's only way to
+        # reach x[B_(data,fsdp), T, D] from there is an "involuntary full rematerialization".
+        table = shard(self.embed.embedding[...], ("vocab", None))  # [V_tensor, D]
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # [B, T, D]
         x = shard(x, ("batch", "seq", "act_embed"))
 
         graphdef, stacked = nnx.split(self.blocks)
@@ -168,6 +172,8 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
         w = (self.embed.embedding[...].T if self.cfg.tie_embeddings
              else self.lm_head.kernel[...])  # [D, V]
-        logits = jnp.einsum("btd,dv->btv", x, w.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        # one 2-D matmul [B*T, D] @ [D, V] (see Dense: no transposed copy of the [B*T, V]
+        # logits gradient in the backward pass)
+        logits = jnp.matmul(x.reshape(b * t, -1), w.astype(self.dtype),
+                            preferred_element_type=jnp.float32).reshape(b, t, -1)  # [B, T, V]
         return shard(logits, ("batch", "seq", "vocab")), cache
