@@ -371,7 +371,7 @@ SHARDING = header("02_sharding", "Sharding one model four ways: DP, FSDP, TP, FS
         |---|---|---|
         | DP `W[D, F]`, `x[B_data]` | all-reduce of every gradient | ≈ 2N (n−1)/n |
         | FSDP `W[D_fsdp, F]`, `x[B_fsdp]` | all-gather weights (forward, again in backward) + reduce-scatter gradients | ≈ 3N (n−1)/n |
-        | TP `W[D, F_tensor]` | all-reduce of activations after every row-parallel matmul (attention out, MLP down), forward and backward | ≈ 4·L·B·T·D (n−1)/n, independent of N |
+        | TP `W[D, F_tensor]` | all-reduce of the B·T·D activations after every row-parallel matmul (attention out, MLP down): 2 per layer forward, 2 backward | ≈ 8·L·B·T·D·(n−1)/n elements, independent of N |
         | FSDP + TP | both, each over its own (smaller) group | |
 
         So DP and FSDP move parameter-sized messages (FSDP ≈ 1.5× DP but n× less memory) and
@@ -380,7 +380,9 @@ SHARDING = header("02_sharding", "Sharding one model four ways: DP, FSDP, TP, FS
         axis sits on a fast interconnect (inside a host/pod slice). XLA may fuse or rewrite: on
         CPU a reduce-scatter often appears as an all-reduce followed by a slice, small all-reduces
         are combined into one, and all-to-all / collective-permute show up where the batch is
-        resharded; the counts below are what *this* compiler produced.
+        resharded. The counts below are *instructions* in the program that this compiler
+        produced: the layers run in a `lax.scan`, so an instruction inside the scanned block
+        executes once per layer.
         """),
     code("""
         kinds = ["all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute"]
@@ -424,6 +426,7 @@ LINEAR = header("03_linear_attention", "Linear attention: Lightning Attention-2 
         from jaxlm.ops import attention, linear_attention
         from jaxlm.sample import sample_text
         from jaxlm.train.loop import run
+        from jaxlm.utils.flops import measure_peak_flops
         from jaxlm.utils.inspect import linear_attention_matrix, read_metrics, time_call, tree_bytes
         """),
     RUNTIME,
@@ -525,13 +528,14 @@ LINEAR = header("03_linear_attention", "Linear attention: Lightning Attention-2 
         tiny = ["model.d_model=64", "model.n_layers=2", "model.d_ff=160", "data.seq_len=64",
                 "train.steps=40", "train.warmup_steps=5", "train.log_every=5",
                 "train.eval_every=0", "train.eval_batches=2", "ckpt.every=0"]
+        PEAK = measure_peak_flops("float32", n=1024)  # once, for the MFU column (else once per run)
         presets = {"softmax": ("configs/shakespeare.yaml", []),
                    "TNL": ("configs/tnl_shakespeare.yaml", []),
                    "hybrid": ("configs/hybrid_shakespeare.yaml", ["model.layer_pattern=LS"] if TINY else [])}
         runs = {}
         for name, (path, extra) in presets.items():
-            cfg = load_config(path, [f"out_dir={OUT}/03_{name}", "train.sample_tokens=0"]
-                              + (tiny + extra if TINY else extra))
+            cfg = load_config(path, [f"out_dir={OUT}/03_{name}", "train.sample_tokens=0",
+                                     f"peak_flops={PEAK}"] + (tiny + extra if TINY else extra))
             shutil.rmtree(cfg.out_dir, ignore_errors=True)
             runs[name] = run(cfg)
         for name, r in runs.items():
@@ -544,7 +548,7 @@ LINEAR = header("03_linear_attention", "Linear attention: Lightning Attention-2 
 
         A softmax layer must keep every past key and value: its KV cache is
         2 · L · B · T · KV · K numbers and grows with the generated length T. A linear-attention
-        layer keeps only S (H × d × d per sequence, plus LRPE's doubled features on layer 0):
+        layer keeps only its state S (H × K × V numbers per layer and sequence):
         `Transformer.init_cache(batch, max_len)` for TNL ignores `max_len`. We measure the cache
         pytrees with `jax.eval_shape` (no memory is allocated) and then sample from the TNL model;
         each decode step is the recurrent form, o_t = q_tᵀ(λS + k_t v_tᵀ).
@@ -594,7 +598,9 @@ LOWRANK = header("04_lowrank_optimizers", "Memory-efficient pretraining: GaLore,
         from jaxlm.optim.galore import scale_by_galore
         from jaxlm.optim.lowrank import METHODS, method_config, state_bytes
         from jaxlm.optim.restarts import rewarmup
+        from jaxlm.optim import make_schedule
         from jaxlm.train.loop import run
+        from jaxlm.utils.flops import measure_peak_flops
         from jaxlm.utils.inspect import read_metrics
         """),
     RUNTIME,
@@ -673,8 +679,8 @@ LOWRANK = header("04_lowrank_optimizers", "Memory-efficient pretraining: GaLore,
         moments; SLTrain adds δmn sparse values (+ their indices). `state_bytes` counts
         parameters + optimizer state from shapes only (`jax.eval_shape`, nothing allocated), the
         accounting of `bench/optimizer_memory.py`; at 2 bytes/entry (the papers' bf16) the LLaMA
-        presets reproduce GaLore Table 1 / the seed paper (1B: ≈ 8.0 GB Adam, ≈ 4.8 GaLore,
-        ≈ 3.7 low-rank).
+        presets reproduce the papers' memory figures (1B: ≈ 8.0 GB Adam, ≈ 4.8 GaLore,
+        ≈ 3.7 low-rank; `real` mode prints all four presets).
         """),
     code("""
         RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}  # the papers' ranks per preset
@@ -699,7 +705,9 @@ LOWRANK = header("04_lowrank_optimizers", "Memory-efficient pretraining: GaLore,
         """),
     code("""
         steps = 48 if TINY else 400
-        base = [f"train.steps={steps}", "train.log_every=5", "train.eval_every=0",
+        PEAK = measure_peak_flops("float32", n=1024)  # once, for the MFU column (else once per run)
+        base = [f"train.steps={steps}", f"train.log_every={2 if TINY else 10}", "train.eval_every=0",
+                f"peak_flops={PEAK}",
                 "train.eval_batches=2", "ckpt.every=0", "train.sample_tokens=0",
                 "optim.rank=16" if TINY else "optim.rank=32",
                 "model.lowrank_rank=16" if TINY else "model.lowrank_rank=32",
@@ -751,8 +759,9 @@ LOWRANK = header("04_lowrank_optimizers", "Memory-efficient pretraining: GaLore,
         for s in range(every, steps, every):
             ax1.axvline(s, c="gray", ls=":")
         ax1.set(xlabel="step", ylabel="train loss", title="restarts at the dotted lines"); ax1.legend()
-        m = read_metrics(runs["lowrank+MR+WR"]["out_dir"])["train"]
-        ax2.plot(j, np.asarray(factor) * np.interp(j, m["step"], m["lr"]))
+        base_lr = make_schedule(runs["lowrank+MR+WR"]["cfg"].train)(j)  # the run's warmup + cosine
+        ax2.plot(j, np.asarray(factor * base_lr), label="with resets")
+        ax2.plot(j, np.asarray(base_lr), ":", label="base schedule"); ax2.legend()
         ax2.set(xlabel="step", ylabel="effective LR", title="schedule × re-warmup after each reset")
         plt.tight_layout(); plt.show()
         """),
@@ -783,6 +792,7 @@ DD = header("05_dataset_decomposition", "Dataset Decomposition: variable sequenc
         from jaxlm.data import decompose, make_data_source
         from jaxlm.train.loop import evaluate, run
         from jaxlm.train.step import make_eval_step
+        from jaxlm.utils.flops import measure_peak_flops
         from jaxlm.utils.inspect import read_metrics
         """),
     RUNTIME,
@@ -843,7 +853,7 @@ DD = header("05_dataset_decomposition", "Dataset Decomposition: variable sequenc
             ax1.hist(lengths, bins=np.logspace(0.5, np.log10(lengths.max() + 1), 25))
             ax1.set(xscale="log", xlabel="document length (bytes)", ylabel="documents",
                     title=f"{name}: {len(lengths)} documents")
-            ax2.bar([str(L) for L in pieces], [L * n for L, n in pieces.items()])
+            ax2.bar([str(L) for L in sorted(pieces)], [L * pieces[L] for L in sorted(pieces)])
             ax2.set(xlabel="bucket (sequence length)", ylabel="tokens", title="tokens per bucket")
             print(f"{name}: pieces per bucket {pieces}, dropped tokens {src.stats['dropped_tokens']}")
         plt.tight_layout(); plt.show()
@@ -878,7 +888,7 @@ DD = header("05_dataset_decomposition", "Dataset Decomposition: variable sequenc
         new shape are left out, time 0). The per-step cost is ∝ b·(c_mlp + 2^i·c_attn): it falls
         with shorter buckets, a lot at long contexts (see `bench/RESULTS.md`: 2.3–5× the
         tokens/s of concat at 8192 context), a little at this toy size where the MLP and output
-        layer dominate. Both models are then scored on the *same* held-out documents
+        layer dominate (and on a shared CPU, expect ±30% noise between runs). Both models are then scored on the *same* held-out documents
         (`jaxlm.train.loop.evaluate` on DD's validation batches).
         """),
     code("""
@@ -886,7 +896,8 @@ DD = header("05_dataset_decomposition", "Dataset Decomposition: variable sequenc
         train = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=256",
                  "train.batch_size=8", f"train.steps={steps}", "train.log_every=1",
                  "train.eval_every=0", "train.eval_batches=4", "train.warmup_steps=5",
-                 "ckpt.every=0", "train.sample_tokens=0"]
+                 "ckpt.every=0", "train.sample_tokens=0",
+                 f"peak_flops={measure_peak_flops('float32', n=1024)}"]  # measured once for MFU
         runs = {}
         for mode in ("concat", "dd"):
             cfg = load_config("configs/tiny.yaml", dd + train + [f"data.mode={mode}",
@@ -906,7 +917,8 @@ DD = header("05_dataset_decomposition", "Dataset Decomposition: variable sequenc
                 print(f"bucket {L:4d}: median {1e3 * np.median(t):6.1f} ms/step over {t.size} steps")
         c = m["concat"]["step_time_s"][m["concat"]["step_time_s"] > 0]
         ax1.axhline(1e3 * np.median(c), c="k", ls=":", label=f"concat, length {CTX}")
-        ax1.set(xscale="log", xlabel="bucket length", ylabel="ms / step", title="step time per bucket")
+        ax1.set_xscale("log", base=2)
+        ax1.set(xlabel="bucket length", ylabel="ms / step", title="step time per bucket")
         ax1.legend()
         for mode, mm in m.items():
             ax2.plot(np.cumsum(mm["tokens"]), mm["loss"], label=mode)
