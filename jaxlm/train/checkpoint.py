@@ -93,7 +93,9 @@ def fingerprint(tree) -> dict:
     def words(x):
         if x.dtype == jnp.bool_:
             return x.astype(jnp.uint32)
-        uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        if x.dtype.itemsize >= 4:  # 8-byte dtypes gain a trailing axis of two words
+            return jax.lax.bitcast_convert_type(x, jnp.uint32)
+        uint = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
         return jax.lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -124,6 +126,8 @@ def reason(e: BaseException) -> str:
 
 
 class Checkpointer:
+    """One run's ``<out_dir>/checkpoints``: async saves, verified restores, newest-good fallback."""
+
     def __init__(self, out_dir: str, cfg: CkptConfig):
         self.dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
         self.cfg = cfg
