@@ -27,7 +27,9 @@ it a few times and keep the best. With ``--xla_force_host_platform_device_count`
 the fake CPU devices share the same cores, so ``n_devices * peak`` overstates the machine and the
 printed ``host utilisation`` (= MFU * n_devices) is the comparable number.
 
-The last two lines printed are always ``tokens_per_s=<float>`` and ``mfu=<float>``.
+The last two lines printed are always ``tokens_per_s=<float>`` and ``mfu=<float>``; the line
+before them is ``tokens_per_s_median=<float>`` (from the median step, as ``bench/vs_maxtext.sh``
+compares it with MaxText's median step time).
 
 Example (from the repository root)::
 
@@ -165,7 +167,8 @@ def report(r: dict) -> str:
     if r["n_devices"] > 1 and r["devices"].endswith("(cpu)"):
         lines.append(f"host utilisation {r['mfu'] * r['n_devices']:.4f} (fake CPU devices share "
                      "the cores: MFU x n_devices vs one device's matmul peak)")
-    lines += [f"tokens_per_s={r['tokens_per_s']:.2f}", f"mfu={r['mfu']:.4f}"]
+    lines += [f"tokens_per_s_median={r['tokens_per_s_median']:.2f}",
+              f"tokens_per_s={r['tokens_per_s']:.2f}", f"mfu={r['mfu']:.4f}"]
     return "\n".join(lines)
 
 
