@@ -131,9 +131,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp, name, overrides, n=2, timeout=420):
+def launch(tmp, name, overrides, n=2, timeout=420, during=None):
     """Run ``jaxlm.cli train`` as ``n`` processes of one job; return each one's row reads.
 
+    ``during(procs)`` is polled while they run until it returns True (e.g. to signal one).
     Every child runs in its own session; all are killed if one fails or time runs out.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -152,7 +153,9 @@ def launch(tmp, name, overrides, n=2, timeout=420):
         while any(p.poll() is None for p in procs):
             assert all(p.poll() in (None, 0) for p in procs), "a child failed"
             assert time.monotonic() < deadline, f"timed out after {timeout} s"
-            time.sleep(0.5)
+            if during is not None and during(procs):
+                during = None
+            time.sleep(0.2)
         assert all(p.returncode == 0 for p in procs)
     except AssertionError as e:
         tails = [(tmp / f"{name}.{i}.log").read_text()[-3000:] for i in range(len(procs))]
@@ -168,8 +171,11 @@ def launch(tmp, name, overrides, n=2, timeout=420):
 
 
 def curve(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            lines = [json.loads(line) for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        lines = []
     train = {ln["step"]: ln for ln in lines if "loss" in ln}
     evals = {ln["step"]: ln["eval_loss"] for ln in lines if "eval_loss" in ln}
     return train, evals
@@ -216,3 +222,31 @@ def test_two_processes_match_one_process(tmp_path):
             assert set(share[p][done].reshape(-1).tolist()) <= read[p]  # the batches it trained
             if done[0]:  # the resumed run starts where the checkpoint left off: no re-reads
                 assert not read[p] & set(share[p][:done[0]].reshape(-1).tolist())
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
+    """A preemption notice that reaches only process 1 still stops both processes at the same
+    step with one complete checkpoint (jax's preemption service agrees on the step); a rerun
+    resumes from it. A per-process flag would stop process 1 alone and hang process 0."""
+    out = str(tmp_path / "pre")
+    run = RUN[1:] + ["train.steps=5000", "mesh.data=2", "mesh.fsdp=4", f"out_dir={out}"]
+
+    def sigterm_process_1(procs):
+        if max(curve(out)[0], default=0) < 2:  # wait until training is under way
+            return False
+        procs[1].send_signal(signal.SIGTERM)
+        return True
+
+    launch(tmp_path, "pre", run, during=sigterm_process_1)  # both must exit 0
+    steps = sorted(int(d) for d in os.listdir(os.path.join(out, "checkpoints")))
+    assert len(steps) == 1 and 2 <= steps[0] < 5000, steps
+    stopped = steps[0]
+    assert f"checkpointing at step {stopped} and exiting" in (tmp_path / "pre.0.log").read_text()
+    assert max(curve(out)[0]) <= stopped
+    for i in range(2):  # both processes saved their iterator at the same step
+        with open(os.path.join(out, "checkpoints", str(stopped), "data",
+                               f"process_{i}-of-2.json")) as f:
+            assert json.load(f) == {"next_index": stopped}
+    launch(tmp_path, "resume", run + [f"train.stop_at={stopped + 2}"])
+    assert max(curve(out)[0]) == stopped + 2

@@ -17,7 +17,8 @@ Fault model (what the loop survives; checkpoint-level faults are in jaxlm/train/
 * killed at any moment (SIGKILL, OOM, preemption without notice): the rerun resumes from the
   newest complete checkpoint and redoes the lost steps identically; ``metrics.jsonl`` is cut back
   to that step (a torn last line from the kill is dropped), so it stays one clean curve;
-* SIGTERM/SIGINT: checkpoint at the next step boundary, exit 0;
+* SIGTERM/SIGINT: checkpoint at the next step boundary, exit 0; with several processes (even if
+  only one got the signal) all stop at the same step, agreed through jax's preemption service;
 * a damaged latest checkpoint: one log line, resume from the previous good one;
 * NaN/inf loss or gradients: the update is not applied (jaxlm/train/step.py); ``train.nonfinite``
   = ``skip`` logs and counts it (``nonfinite_skips`` in metrics.jsonl), ``stop`` raises
@@ -93,14 +94,27 @@ def check_batch(cfg: Config, mesh, shapes=None) -> None:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits 0."""
+    """SIGTERM/SIGINT: checkpoint at the next step boundary every process agrees on, exit 0.
+
+    One process: a Python handler sets a flag, checked after every step. Several processes: each
+    receives its signal on its own (or only one does), so a local flag would let them stop at
+    different steps and hang in the next collective. There jax's preemption service (started by
+    ``jax.distributed.initialize``) owns SIGTERM: it tells the other processes through the
+    coordination service and ``multihost_utils.reached_preemption_sync_point(step)`` turns True
+    on all of them at the same step. SIGINT is forwarded to it as SIGTERM.
+    """
 
     def __init__(self):
         self.signum = None
         self.previous = {}
+        self.synced = False
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        from jax._src import distributed  # the preemption service is not in jax's public API
+
+        self.synced = (jax.process_count() > 1
+                       and distributed.global_state.preemption_sync_manager is not None)
+        for sig in (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT):
             try:
                 self.previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not in the main thread (e.g. some notebook kernels)
@@ -109,6 +123,19 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if self.synced:  # let jax's SIGTERM notifier start the cross-process agreement
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def should_stop(self, step: int) -> bool:
+        """Called after every step, on every process (the sync point protocol needs that)."""
+        if self.synced:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = self.signum or signal.SIGTERM
+                return True
+            return False
+        return self.signum is not None
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -347,7 +374,7 @@ def run(cfg: Config) -> dict:
                 writer.write(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"],
                                     "eval_bpb": ev["bpb"]})
                 t_last = time.perf_counter()
-            if stop.signum is not None:
+            if stop.should_stop(step):
                 log.info("signal %d: checkpointing at step %d and exiting", stop.signum, step)
                 result["preempted"] = True
                 break
