@@ -6,7 +6,7 @@ GaLore (Zhao et al., ICML 2024, arXiv 2403.03507, Alg. 2): for a weight matrix w
 the paper's and galore-torch's default): ``P = U[:, :r]`` (a×r) when ``a <= b`` else
 ``P = V[:, :r]`` (b×r). Then, with ``k`` the 1-based update number,
 
-    R_k = Pᵀ G  (r×b)   or   G P  (a×r)                          (project, Alg. 2 line 7)
+    R_k = Pᵀ G  (r×b)   or   G P  (a×r)                          (project, Alg. 2)
     M_k = β1 M + (1-β1) R,   V_k = β2 V + (1-β2) R²              (Adam in the r-dim space)
     N_k = M_k / (√V_k + ε)                                        (transformers-style, see below)
     D_k = α · (P N_k  or  N_k Pᵀ) · √(1-β2^k) / (1-β1^k)          (project back, scale α)
@@ -214,19 +214,19 @@ def scale_by_galore(rank: int, gap: int, scale: float = 0.25, *, b1: float = 0.9
         bc1, bc2 = 1 - b1 ** kf, 1 - b2 ** kf
 
         def one(g, gm, p, mu, nu, s_prev):
-            r = project(gm, p, g)
-            mu = b1 * mu + (1 - b1) * r
-            nu = b2 * nu + (1 - b2) * r * r
+            r = project(gm, p, g)  # R_k = Pᵀ G or G P (GaLore Alg. 2: project)
+            mu = b1 * mu + (1 - b1) * r  # M_k: Adam moments in the r-dim space
+            nu = b2 * nu + (1 - b2) * r * r  # V_k
             if eps_mode == "torch":
                 n, step = mu / (jnp.sqrt(nu) + eps), jnp.sqrt(bc2) / bc1
             else:
                 n, step = (mu / bc1) / (jnp.sqrt(nu / bc2) + eps), 1.0
-            d = scale * project_back(n, p, g)
+            d = scale * project_back(n, p, g)  # α·Back(N_k): project back, scale α
             if residual == "fira":
-                phi = _rank_norm(n, g) / (_rank_norm(r, g) + 1e-8)
-                s = (gm - scale * project_back(r, p, g)) * phi
+                phi = _rank_norm(n, g) / (_rank_norm(r, g) + 1e-8)  # φ: Fira channel-wise scaling
+                s = (gm - scale * project_back(r, p, g)) * phi  # S = (G - α Back(R)) ⊙ φ
                 s_norm = jnp.linalg.norm(s, axis=(-2, -1))  # [...]
-                limiter = jnp.maximum(s_norm / (s_prev + 1e-8), gamma) / gamma  # fira 1.0.2
+                limiter = jnp.maximum(s_norm / (s_prev + 1e-8), gamma) / gamma  # λ: Fira norm-growth limiter
                 limiter = jnp.where(state.count == 0, 1.0, limiter)  # first step: only store
                 s = s / limiter[..., None, None]
                 d, s_prev = d + s, s_norm / limiter
