@@ -112,8 +112,9 @@ class _StopFlag:
     def __enter__(self):
         from jax._src import distributed  # the preemption service is not in jax's public API
 
+        state = getattr(distributed, "global_state", None)  # if jax moves it: per-process flags
         self.synced = (jax.process_count() > 1
-                       and distributed.global_state.preemption_sync_manager is not None)
+                       and getattr(state, "preemption_sync_manager", None) is not None)
         for sig in (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT):
             try:
                 self.previous[sig] = signal.signal(sig, self._handle)
