@@ -33,10 +33,6 @@ from jaxlm.train.checkpoint import CRASH_AFTER_SAVE_ENV, Checkpointer, Checkpoin
 from jaxlm.train.checkpoint import load_trained
 from jaxlm.train.state import StateSpec
 
-# Restoring a truncated array makes orbax abandon its pending read coroutines; they are reported
-# when garbage-collected, often during a later test. Expected noise, not a failure of the fallback.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
 QUICK = ["train.eval_every=0", "train.eval_batches=1", "peak_flops=1"]
 BASE = ["train.steps=20", "ckpt.every=10", "ckpt.keep=3", "train.log_every=5", *QUICK]
