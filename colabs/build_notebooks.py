@@ -699,9 +699,9 @@ LOWRANK = header("04_lowrank_optimizers", "Memory-efficient pretraining: GaLore,
 
         Same model, data order and schedule; only the method changes (`optim.name`, and
         `model.weights` for the factorised models). In `tiny` mode: a d_model-64 model, rank 16,
-        GaLore/Fira refresh every T = 16 steps, 48 steps; restarts every 16 steps. At this scale the ranking is noisy and
-        need not match the papers (see `bench/RESULTS.md` for 150- and 400-step tables); the point is the
-        mechanics.
+        GaLore/Fira refresh every T = 16 steps, 48 steps; restarts every 16 steps. At this scale
+        the ranking is noisy and need not match the papers (see `bench/RESULTS.md` for 150- and
+        400-step tables); the point is the mechanics.
         """),
     code("""
         steps = 48 if TINY else 400
