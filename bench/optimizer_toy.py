@@ -25,10 +25,9 @@ import math
 import os
 import tempfile
 
-import jax
-
 from jaxlm.config import load_config
 from jaxlm.train.loop import run
+from jaxlm.utils.flops import estimate_state_bytes
 
 PRESET = os.path.join(os.path.dirname(__file__), "..", "configs", "shakespeare.yaml")
 LOWRANK = ["model.weights=lowrank", "optim.name=lowrank", "model.lowrank_rank=32"]
@@ -46,17 +45,14 @@ METHODS = {
 }
 
 
-def mib(tree) -> float:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
-
-
 def run_method(name: str, steps: int, out_root: str) -> dict:
     cfg = load_config(PRESET, [f"out_dir={os.path.join(out_root, name)}", f"train.steps={steps}",
                                "train.sample_tokens=0", "train.eval_every=0", "ckpt.every=0",
                                f"train.warmup_steps={max(steps // 10, 1)}", *METHODS[name]])
     r = run(cfg)
+    nbytes = estimate_state_bytes(r["state"]["params"], r["state"]["opt_state"])
     return {"val_loss": r["eval"]["loss"], "val_bpb": r["eval"]["bpb"],
-            "params_mib": mib(r["state"]["params"]), "opt_state_mib": mib(r["state"]["opt_state"])}
+            "params_mib": nbytes.params / 2**20, "opt_state_mib": nbytes.opt_state / 2**20}
 
 
 def main(argv=None):

@@ -226,7 +226,7 @@ def scale_by_galore(rank: int, gap: int, scale: float = 0.25, *, b1: float = 0.9
                 phi = _rank_norm(n, g) / (_rank_norm(r, g) + 1e-8)  # φ: Fira channel-wise scaling
                 s = (gm - scale * project_back(r, p, g)) * phi  # S = (G - α Back(R)) ⊙ φ
                 s_norm = jnp.linalg.norm(s, axis=(-2, -1))  # [...]
-                limiter = jnp.maximum(s_norm / (s_prev + 1e-8), gamma) / gamma  # λ: Fira norm-growth limiter
+                limiter = jnp.maximum(s_norm / (s_prev + 1e-8), gamma) / gamma  # λ (Fira limiter)
                 limiter = jnp.where(state.count == 0, 1.0, limiter)  # first step: only store
                 s = s / limiter[..., None, None]
                 d, s_prev = d + s, s_norm / limiter

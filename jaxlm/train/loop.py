@@ -46,6 +46,7 @@ import signal
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data import make_data_source
@@ -130,8 +131,6 @@ class _StopFlag:
     def should_stop(self, step: int) -> bool:
         """Called after every step, on every process (the sync point protocol needs that)."""
         if self.synced:
-            from jax.experimental import multihost_utils
-
             if multihost_utils.reached_preemption_sync_point(step):
                 self.signum = self.signum or signal.SIGTERM
                 return True
