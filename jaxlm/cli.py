@@ -4,7 +4,7 @@ Each is ``main(argv) -> exit code`` around a plain function that notebooks call 
 (``jaxlm.train.loop.run``, ``jaxlm.sample.sample_text``, ``jaxlm.eval.evaluate_file``). User errors
 (bad config, missing files, impossible mesh) print one ``error: …`` line and exit 2.
 
-    jaxlm-train [CONFIG.yaml] [section.key=value ...]      # no args: configs/shakespeare.yaml
+    jaxlm-train [CONFIG.yaml|PRESET] [section.key=value ...]   # no args: the shakespeare preset
     jaxlm-sample --ckpt OUT_DIR --prompt "ROMEO:" [--temperature 0.8 --top-k 40 --top-p 0.95]
     jaxlm-eval --ckpt OUT_DIR --data FILE
     python -m jaxlm.cli {train,sample,eval} ...
@@ -19,8 +19,6 @@ import sys
 
 from jaxlm.config import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PRESET = os.path.join(REPO, "configs", "shakespeare.yaml")
 
 
 def _guard(fn, argv) -> int:
@@ -45,13 +43,11 @@ def _train(argv) -> int:
     if argv and argv[0].startswith("-"):
         raise ConfigError(f"jaxlm-train: unknown option {argv[0]!r} (usage: jaxlm-train "
                           "[CONFIG.yaml] [section.key=value ...])")
-    from jaxlm.config import load_config
+    from jaxlm.config import DEFAULT_PRESET, load_config
 
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path else argv
-    if path is None and os.path.isfile(DEFAULT_PRESET):
-        path = DEFAULT_PRESET  # (the dataclass defaults equal this preset when it is absent)
-    cfg = load_config(path, overrides)
+    cfg = load_config(path or DEFAULT_PRESET, overrides)  # a preset name or a YAML path
 
     from jaxlm.train.loop import run
 

@@ -32,6 +32,10 @@ class ConfigError(ValueError):
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_CORPUS = os.path.join(ASSETS, "tinyshakespeare", "input.txt")
+# The presets ship inside the package (jaxlm/configs links to the repository's top-level configs/),
+# so an installed jaxlm finds them by name: load_config("shakespeare") == configs/shakespeare.yaml.
+PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+DEFAULT_PRESET = "shakespeare"
 
 
 @dataclass(frozen=True)
@@ -271,8 +275,8 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"config file {path} is a directory; pass a YAML file "
                           "(e.g. configs/tiny.yaml)")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path} (pass an existing YAML file, "
-                          "e.g. configs/tiny.yaml)")
+        raise ConfigError(f"config file not found: {path} (in {os.getcwd()}); pass an existing "
+                          f"YAML file or a preset name ({', '.join(preset_names())})")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
@@ -293,13 +297,39 @@ def read_yaml(path: str) -> dict:
     return data
 
 
+def preset_names() -> list[str]:
+    """The bundled presets, loadable by name (``shakespeare``, ``tiny``, ``llama_1b``, ...)."""
+    if not os.path.isdir(PRESETS):
+        return []
+    return sorted(f[:-5] for f in os.listdir(PRESETS) if f.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A YAML file path as given, or the bundled preset of that name (``shakespeare``).
+
+    A bare name (no ``/``, no ``.yaml``) that is not an existing file is looked up among the
+    presets; anything else is a path. A missing preset is a ConfigError, never a fallback."""
+    looks_like_path = (os.sep in name_or_path or "/" in name_or_path
+                       or name_or_path.endswith((".yaml", ".yml")))
+    if looks_like_path or os.path.exists(name_or_path):
+        return name_or_path
+    path = os.path.join(PRESETS, name_or_path + ".yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"no preset named {name_or_path!r}"
+                          f"{_suggest(name_or_path, preset_names())} (presets: "
+                          f"{', '.join(preset_names()) or 'none installed'}); pass a preset name "
+                          "or the path of a YAML file")
+    return path
+
+
 def from_dict(data: dict) -> Config:
     return validate(_build(Config, data))
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Build a validated :class:`Config` from an optional YAML file and dotted overrides."""
-    data = read_yaml(path) if path else {}
+    """Build a validated :class:`Config` from an optional YAML file (or preset name) and dotted
+    overrides."""
+    data = read_yaml(resolve_config_path(path)) if path else {}
     return from_dict(_merge(data, parse_overrides(overrides)))
 
 
