@@ -7,9 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxlm.config import ConfigError, load_config
-from jaxlm.model import Transformer
-from jaxlm.model.layers import DENSE
+from jaxlm.config import ConfigError, ModelConfig, load_config
+from jaxlm.model import WEIGHTS, Transformer
 from jaxlm.model.lowrank import LowRankDense, SLTrainDense, sparse_support
 from jaxlm.optim import build_optimizer
 from jaxlm.optim.lowrank import (method_config, refactor, refactor_tree, rewarmup,
@@ -25,7 +24,7 @@ def _model(weights, *extra):  # abstract (shapes and names only)
 
 
 def test_registry_shapes_and_logical_names():
-    assert DENSE["lowrank"] is LowRankDense and DENSE["sltrain"] is SLTrainDense
+    assert WEIGHTS["lowrank"] is LowRankDense and WEIGHTS["sltrain"] is SLTrainDense
     _, m = _model("lowrank")
     assert m.blocks.attn.wo.a.shape == (2, 32, 4)  # [L, H*K, r]: multi-dim in flattened
     assert m.blocks.attn.wk.b.shape == (2, 4, 16)  # [L, r, KV*K]
@@ -35,7 +34,7 @@ def test_registry_shapes_and_logical_names():
 
 
 def test_lowrank_layer_forward_and_init_scale():
-    layer = LowRankDense((64,), (4, 32), ("embed", "heads", "head_dim"), std=0.02,
+    layer = LowRankDense(ModelConfig(), (64,), (4, 32), ("embed", "heads", "head_dim"), std=0.02,
                          rngs=nnx.Rngs(0))  # rank 32 (default), s = 1
     w = layer.scale * (layer.a[...] @ layer.b[...])  # [64, 128]
     assert 0.015 < float(jnp.std(w)) < 0.025  # the Dense it replaces uses std 0.02
@@ -59,7 +58,7 @@ def test_refactor_preserves_product_and_balances():
 def test_refactorization_leaves_the_layer_output_unchanged():
     x = jax.random.normal(jax.random.key(4), (3, 16))
     for cls in (LowRankDense, SLTrainDense):
-        layer = cls((16,), (24,), ("embed", "mlp"), std=0.02, rngs=nnx.Rngs(1))
+        layer = cls(ModelConfig(), (16,), (24,), ("embed", "mlp"), std=0.02, rngs=nnx.Rngs(1))
         graphdef, state = nnx.split(layer)
         params = nnx.to_pure_dict(state)
         params["b"] = params["b"] + 0.1  # SLTrain's b starts at 0
@@ -115,7 +114,7 @@ def test_rewarmup_factor():
 
 
 def test_sltrain_sparse_gradient_is_gathered_dense_gradient():
-    layer = SLTrainDense((8,), (12,), ("embed", "mlp"), std=0.02, rngs=nnx.Rngs(0))
+    layer = SLTrainDense(ModelConfig(), (8,), (12,), ("embed", "mlp"), std=0.02, rngs=nnx.Rngs(0))
     cols = sparse_support(8, 12, layer.k, layer.support_key)
     assert cols.shape == (8, layer.k) and all(len(set(r)) == layer.k for r in cols)
     x = jax.random.normal(jax.random.key(3), (5, 8))

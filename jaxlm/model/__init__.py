@@ -2,7 +2,7 @@
 
 from jaxlm.model.layers import ATTENTION, Block, Dense, register_attention
 from jaxlm.model.transformer import Transformer
+from jaxlm.model.weights import WEIGHTS, make_dense, register_weights
 
-__all__ = ["ATTENTION", "Block", "Dense", "Transformer", "register_attention"]
-
-from jaxlm.model import lowrank as _lowrank  # noqa: E402,F401  (model.weights=lowrank|sltrain)
+__all__ = ["ATTENTION", "WEIGHTS", "Block", "Dense", "Transformer", "make_dense",
+           "register_attention", "register_weights"]

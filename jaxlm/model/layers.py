@@ -1,7 +1,8 @@
 """Thin Flax NNX parameter holders for the LLaMA block; all math is in :mod:`jaxlm.ops`.
 
-Every ``nnx.Param`` carries logical axis names (``out_sharding``) that :mod:`jaxlm.sharding`
-maps to mesh axes. ``eager_sharding=False`` keeps construction mesh-free: shardings are applied by
+Every matmul weight comes from :func:`jaxlm.model.weights.make_dense` (``model.weights``:
+dense, low-rank, SLTrain). Every ``nnx.Param`` carries logical axis names (``out_sharding``)
+that :mod:`jaxlm.sharding` maps to mesh axes. ``eager_sharding=False`` keeps construction mesh-free: shardings are applied by
 the jitted init in :mod:`jaxlm.train.state`, so full weights never land on one device.
 
 Block (pre-norm, Touvron et al. 2023 LLaMA §2.2):
@@ -21,53 +22,15 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import ops
 from jaxlm.config import ModelConfig, register_choice
+from jaxlm.model.dense import Dense, param  # noqa: F401  (re-exported: jaxlm.model.Dense)
+from jaxlm.model.weights import make_dense
 from jaxlm.sharding import shard
-
-
-def param(rngs, shape, names, std):
-    """A float32 normal(0, std) parameter with logical axis names (ones when std is None)."""
-    value = (jnp.ones(shape, jnp.float32) if std is None
-             else std * jax.random.normal(rngs.params(), shape, jnp.float32))
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-class Dense(nnx.Module):
-    """y = x · W contracting the trailing ``len(in_shape)`` dims of x with W's leading dims.
-
-    The one matmul holder of the model (the seam where a low-rank or sparse weight plugs in).
-    The product is taken as one 2-D matmul ``[N, I] @ [I, O]`` (N = all leading dims of x, I/O =
-    the flattened in/out dims; both reshapes are free). Written as a dot over ``[B, T, D]``
-    instead, the weight gradient contracts two dims (B and T) and XLA:CPU canonicalises it by
-    physically transposing the ``[B, T, F]`` activation gradient before every backward matmul.
-    """
-
-    def __init__(self, in_shape, out_shape, names, *, std, rngs):
-        self.n_in = len(in_shape)
-        self.kernel = param(rngs, tuple(in_shape) + tuple(out_shape), names, std)
-
-    def __call__(self, x):
-        w = self.kernel[...].astype(x.dtype)
-        lead, ins, outs = x.shape[:x.ndim - self.n_in], w.shape[:self.n_in], w.shape[self.n_in:]
-        x2 = x.reshape(math.prod(lead), math.prod(ins))  # [N, I]
-        w2 = w.reshape(math.prod(ins), math.prod(outs))  # [I, O]
-        return (x2 @ w2).reshape(lead + outs)  # [..., *out_shape]
-
-
-DENSE: dict[str, type] = {"dense": Dense}
-
-
-def make_dense(cfg: ModelConfig, in_shape, out_shape, names, *, std, rngs):
-    """The matmul weight chosen by ``model.weights`` (``dense``; low-rank/sparse variants register
-    a class with Dense's constructor signature in :data:`DENSE`)."""
-    return DENSE[cfg.weights](in_shape, out_shape, names, std=std, rngs=rngs)
 
 
 class RMSNorm(nnx.Module):

@@ -59,7 +59,8 @@ from flax import nnx
 
 from jaxlm import ops
 from jaxlm.config import ModelConfig
-from jaxlm.model.layers import make_dense, register_attention
+from jaxlm.model.layers import register_attention
+from jaxlm.model.weights import make_dense
 from jaxlm.sharding import shard
 
 

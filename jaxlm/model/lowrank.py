@@ -1,8 +1,9 @@
 """Low-rank and sparse-plus-low-rank matmul weights, drop-in replacements for ``Dense``.
 
 Selected by ``model.weights``; each class has ``Dense``'s constructor signature
-``(in_shape, out_shape, names, *, std, rngs)`` and is registered in
-:data:`jaxlm.model.layers.DENSE`, so every attention/MLP matrix of the model switches at once
+``(cfg, in_shape, out_shape, names, *, std, rngs)``, reads ``cfg.lowrank_rank``,
+``cfg.lowrank_scale`` and ``cfg.sparse_density`` from the model config it is given, and is
+registered in :data:`jaxlm.model.weights.WEIGHTS`, so every attention/MLP matrix switches at once
 (embeddings and the output head stay dense, as in the papers). A multi-dim kernel (``wq``
 ``[D, H, K]``) is factorised as the matrix ``[prod(in), prod(out)]``.
 
@@ -52,7 +53,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.model.layers import DENSE
 
 
 def _param(value, names):
@@ -62,8 +62,8 @@ def _param(value, names):
 class LowRankDense(nnx.Module):
     """y = s · (x a) b, contracting the trailing ``len(in_shape)`` dims of x."""
 
-    def __init__(self, in_shape, out_shape, names, *, std, rngs):
-        rank_cfg, scale_cfg, _ = current_options()  # model.lowrank_rank / lowrank_scale
+    def __init__(self, cfg, in_shape, out_shape, names, *, std, rngs):
+        rank_cfg, scale_cfg = cfg.lowrank_rank, cfg.lowrank_scale
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         i, o = math.prod(in_shape), math.prod(out_shape)
         r = min(rank_cfg, i, o)
@@ -94,8 +94,8 @@ def sparse_support(i: int, o: int, k: int, key: str) -> np.ndarray:
 class SLTrainDense(nnx.Module):
     """y = x (s · a b + S): low-rank plus fixed-support sparse (SLTrain)."""
 
-    def __init__(self, in_shape, out_shape, names, *, std, rngs):
-        rank_cfg, scale_cfg, density = current_options()
+    def __init__(self, cfg, in_shape, out_shape, names, *, std, rngs):
+        rank_cfg, scale_cfg, density = cfg.lowrank_rank, cfg.lowrank_scale, cfg.sparse_density
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         i, o = math.prod(in_shape), math.prod(out_shape)
         r = min(rank_cfg, i, o)
@@ -121,38 +121,3 @@ class SLTrainDense(nnx.Module):
         x2 = x.reshape(lead + (-1,))
         y = jnp.einsum("...i,io->...o", x2, self.weight().astype(x.dtype))
         return y.reshape(lead + self.out_shape)
-
-
-# The Dense signature has no config argument: make_dense's caller (the model) sets the options
-# through this small context before building (see ``_patched_make_dense`` below).
-_OPTIONS = [(32, 1.0, 0.03)]
-
-
-def current_options():
-    return _OPTIONS[-1]
-
-
-def _register():
-    from jaxlm.config import register_choice
-    from jaxlm.model import layers
-
-    DENSE["lowrank"] = LowRankDense
-    DENSE["sltrain"] = SLTrainDense
-    register_choice("model.weights", "lowrank")
-    register_choice("model.weights", "sltrain")
-    original = layers.make_dense
-    if getattr(original, "_lowrank_aware", False):
-        return
-
-    def make_dense(cfg, in_shape, out_shape, names, *, std, rngs):
-        _OPTIONS.append((cfg.lowrank_rank, cfg.lowrank_scale, cfg.sparse_density))
-        try:
-            return original(cfg, in_shape, out_shape, names, std=std, rngs=rngs)
-        finally:
-            _OPTIONS.pop()
-
-    make_dense._lowrank_aware = True
-    layers.make_dense = make_dense
-
-
-_register()

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ConfigError, ModelConfig
-from jaxlm.model.layers import Block, RMSNorm, param
+from jaxlm.model.dense import param
+from jaxlm.model.layers import Block, RMSNorm
 from jaxlm.model.linear import TNLBlock
 from jaxlm.sharding import shard
 
