@@ -44,7 +44,7 @@ def train_step_tps(batch: dict, overrides: list[str], steps: int = 2) -> float:
     import jax
 
     from jaxlm.config import load_config
-    from jaxlm.optim import build_optimizer, make_schedule
+    from jaxlm.optim import build_optimizer
     from jaxlm.sharding import host_to_global, make_mesh
     from jaxlm.train.state import StateSpec
     from jaxlm.train.step import make_train_step
@@ -53,7 +53,7 @@ def train_step_tps(batch: dict, overrides: list[str], steps: int = 2) -> float:
     cfg = load_config("configs/tiny.yaml", [f"train.batch_size={rows}", f"data.seq_len={seq}",
                                             "model.vocab_size=50304", "mesh.fsdp=-1", *overrides])
     spec = StateSpec.build(cfg, make_mesh(cfg.mesh), build_optimizer(cfg))
-    state, step = spec.init(), make_train_step(spec, make_schedule(cfg.train))
+    state, step = spec.init(), make_train_step(spec)
     g = host_to_global(batch, spec.mesh)
     state, m = step(state, g)
     jax.block_until_ready(m)

@@ -52,7 +52,7 @@ def shape_times(T: int, tokens: int, steps: int, model: list[str]) -> dict[int, 
     import jax
 
     from jaxlm.config import load_config
-    from jaxlm.optim import build_optimizer, make_schedule
+    from jaxlm.optim import build_optimizer
     from jaxlm.sharding import host_to_global, make_mesh
     from jaxlm.train.state import StateSpec
     from jaxlm.train.step import make_train_step
@@ -60,7 +60,7 @@ def shape_times(T: int, tokens: int, steps: int, model: list[str]) -> dict[int, 
     cfg = load_config("configs/tiny.yaml", [f"data.seq_len={T}", f"train.batch_size={tokens // T}",
                                             "model.vocab_size=257", *model])
     spec = StateSpec.build(cfg, make_mesh(cfg.mesh), build_optimizer(cfg))
-    state, step = spec.init(), make_train_step(spec, make_schedule(cfg.train))
+    state, step = spec.init(), make_train_step(spec)
     rng = np.random.default_rng(0)
     out = {}
     for k in range(8, T.bit_length()):
@@ -131,7 +131,8 @@ def part_a(contexts, tokens: int, steps: int) -> None:
 def part_b(steps: int, batch: int, seq_len: int) -> None:
     from jaxlm.config import ASSETS, load_config
     from jaxlm.data import make_data_source
-    from jaxlm.train.loop import evaluate, run
+    from jaxlm.train.loop import run
+    from jaxlm.train.step import evaluate
     from jaxlm.train.step import make_eval_step
 
     text = open(os.path.join(ASSETS, "wikitext-2", "valid.txt"), encoding="utf-8").read()

@@ -69,7 +69,7 @@ def run(cfg, steps: int = 20, warmup: int = 3) -> dict:
     import jax
 
     from jaxlm.config import ConfigError
-    from jaxlm.optim import build_optimizer, make_schedule
+    from jaxlm.optim import build_optimizer
     from jaxlm.sharding import host_to_global, make_mesh
     from jaxlm.train.loop import check_batch
     from jaxlm.train.state import StateSpec
@@ -88,7 +88,7 @@ def run(cfg, steps: int = 20, warmup: int = 3) -> dict:
     check_batch(cfg, mesh)
     spec = StateSpec.build(cfg, mesh, build_optimizer(cfg))
     state = spec.init()
-    step_fn = make_train_step(spec, make_schedule(cfg.train))
+    step_fn = make_train_step(spec)
     rows = cfg.train.batch_size // jax.process_count()
     batch = host_to_global(synthetic_batch(cfg, rows, seed=cfg.seed + jax.process_index()), mesh)
 

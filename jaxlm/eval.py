@@ -20,8 +20,7 @@ from jaxlm.data.pipeline import Windows, eval_batches_from_rows, read_text
 from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.config import ConfigError
 from jaxlm.train.checkpoint import load_trained
-from jaxlm.train.loop import evaluate
-from jaxlm.train.step import make_eval_step
+from jaxlm.train.step import evaluate, make_eval_step
 
 
 def evaluate_file(out_dir: str, path: str, *, batch_size: int = 0, max_batches: int = 0) -> dict:
@@ -37,4 +36,8 @@ def evaluate_file(out_dir: str, path: str, *, batch_size: int = 0, max_batches: 
     n = max_batches or -(-len(rows) // bs)
     batches = eval_batches_from_rows(rows, batch_size=bs, num_batches=n, process_index=0,
                                      process_count=1)
-    return evaluate(make_eval_step(spec), params, batches, spec.mesh)
+    result = evaluate(make_eval_step(spec), params, batches, spec.mesh)
+    if result is None:
+        raise ConfigError(f"--data {path}: the scored windows hold no target tokens; pass a "
+                          "longer text file")
+    return result

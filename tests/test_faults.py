@@ -198,7 +198,6 @@ def poisoned(batch):
 
 def test_nonfinite_step_leaves_params_and_optimizer_unchanged(tmp_path):
     from jaxlm.data import make_data_source
-    from jaxlm.optim import make_schedule
     from jaxlm.sharding import host_to_global
     from jaxlm.train.state import resolve_vocab
     from jaxlm.train.step import make_train_step
@@ -208,7 +207,7 @@ def test_nonfinite_step_leaves_params_and_optimizer_unchanged(tmp_path):
     cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
     spec = StateSpec.build(cfg, make_mesh(cfg.mesh), build_optimizer(cfg))
     it = data.train_iterator(batch_size=8, process_index=0, process_count=1, seed=0)
-    step = make_train_step(spec, make_schedule(cfg.train))
+    step = make_train_step(spec)
     state = spec.init()
     before = host(state)
     state, m = step(state, host_to_global(poisoned(next(it)), spec.mesh))

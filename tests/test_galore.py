@@ -127,7 +127,6 @@ def test_galore_train_state_shardings_and_step():
     from jaxlm.sharding import make_mesh
     from jaxlm.train.state import StateSpec
     from jaxlm.train.step import make_train_step
-    from jaxlm.optim import make_schedule
 
     cfg = load_config(None, TINY + ["optim.name=fira", "data.seq_len=16", "train.batch_size=8",
                                     "mesh.fsdp=4", "mesh.tensor=2", "optim.reset_every=2"])
@@ -139,7 +138,7 @@ def test_galore_train_state_shardings_and_step():
     assert mu and mu[0][0].shape == (2, 4, 64)  # [L, r, d_ff]: in (32) is the short side
     assert tuple(mu[0][1].spec) == (None, None, ("fsdp", "tensor"))
     state = spec.init()
-    step = make_train_step(spec, make_schedule(cfg.train))
+    step = make_train_step(spec)
     batch = {k: jnp.zeros((8, 16), jnp.int32) for k in ("inputs", "targets", "positions",
                                                         "segment_ids", "target_bytes")}
     batch["loss_mask"] = jnp.ones((8, 16), jnp.int32)

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.config import ConfigError, MeshConfig, load_config
-from jaxlm.optim import build_optimizer, make_schedule
+from jaxlm.optim import build_optimizer
 from jaxlm.sharding import host_to_global, logical_to_spec, make_mesh, mesh_shape
 from jaxlm.train.state import StateSpec
 from jaxlm.train.step import make_train_step
@@ -32,7 +32,7 @@ def train(mesh_overrides, devices, steps=3, extra=()):
     mesh = make_mesh(cfg.mesh, devices)
     spec = StateSpec.build(cfg, mesh, build_optimizer(cfg))
     state = spec.init()
-    step = make_train_step(spec, make_schedule(cfg.train))
+    step = make_train_step(spec)
     losses = []
     for b in batches(steps):
         state, m = step(state, host_to_global(b, mesh))
@@ -89,7 +89,7 @@ def test_dp_fsdp_tp_equals_single_device(single):
         n_split = np.prod([{"fsdp": 2, "tensor": 2}.get(a, 1) for a in spec_ if a])
         assert leaf.addressable_shards[0].data.size == leaf.size // n_split
     # Adam moments follow their parameter's sharding
-    mu = s8["opt_state"][1][0].mu["blocks"]["mlp"]["w_gate"]["kernel"]
+    mu = s8["opt_state"].inner[1][0].mu["blocks"]["mlp"]["w_gate"]["kernel"]
     assert mu.sharding.spec == P(None, "fsdp", "tensor")
 
 

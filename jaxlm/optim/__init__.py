@@ -7,11 +7,12 @@ Example::
     tx = build_optimizer(Config())   # optim.name=adamw: clip -> AdamW with masked decay
 """
 
-from jaxlm.optim.build import (OPTIMIZERS, build_adamw, build_optimizer, decay_mask, lr_at,
-                               register_optimizer, with_clipping)
+from jaxlm.optim.build import (OPTIMIZERS, applied_lr, build_adamw, build_optimizer, decay_mask,
+                               learning_rate, lr_at, register_optimizer, with_clipping)
 from jaxlm.optim.schedules import make_schedule
 
-__all__ = ["OPTIMIZERS", "build_adamw", "build_optimizer", "decay_mask", "lr_at",
+__all__ = ["OPTIMIZERS", "applied_lr", "build_adamw", "build_optimizer", "decay_mask",
+           "learning_rate", "lr_at",
            "make_schedule", "register_optimizer", "with_clipping"]
 
 from jaxlm.optim import fira, galore, lowrank  # noqa: E402,F401  (register galore/fira/lowrank/sltrain)

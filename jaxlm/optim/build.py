@@ -20,7 +20,9 @@ Plug-ins add optimizers with :func:`register_optimizer` (which also extends the 
 ``optim.name`` choices); a builder takes the full :class:`~jaxlm.config.Config`.
 :func:`build_optimizer` wraps whatever the builder returns with the generic restarts of
 :mod:`jaxlm.optim.restarts` (momentum reset + LR re-warmup, weight refactorization), so
-``optim.reset_every`` works for every method, ``adamw`` included.
+``optim.reset_every`` works for every method, ``adamw`` included, and counts the updates it
+applies (:class:`UpdateCount`) so the train step can log the learning rate the update used:
+:func:`learning_rate` (the schedule times the restarts' re-warmup factor) at that count.
 
 Example::
 
@@ -38,9 +40,10 @@ Example::
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -57,21 +60,56 @@ def register_optimizer(name: str, builder: OptimizerBuilder) -> None:
     register_choice("optim.name", name)
 
 
+class UpdateCount(NamedTuple):
+    """The outermost optimizer state: how many updates were applied. It lives in the optimizer
+    state, so a step whose update is not applied (non-finite guard) does not advance it either."""
+    count: jax.Array  # int32 []
+    inner: Any
+
+
+def count_updates(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    def update(updates, state, params=None):
+        updates, inner_state = inner.update(updates, state.inner, params)
+        return updates, UpdateCount(state.count + 1, inner_state)
+
+    return optax.GradientTransformation(
+        lambda p: UpdateCount(jnp.zeros((), jnp.int32), inner.init(p)), update)
+
+
 def build_optimizer(cfg: Config) -> optax.GradientTransformation:
     """The optimizer named by ``cfg.optim.name`` (raises ConfigError if it is not registered),
-    with the restarts of ``optim.reset_every`` / ``optim.refactor_every`` when they are set."""
+    with the restarts of ``optim.reset_every`` / ``optim.refactor_every`` when they are set,
+    its state an :class:`UpdateCount`."""
     from jaxlm.optim.restarts import with_restarts
 
     builder = OPTIMIZERS.get(cfg.optim.name)
     if builder is None:
         raise ConfigError(f"optim.name={cfg.optim.name!r} is not a registered optimizer "
                           f"(available: {', '.join(sorted(OPTIMIZERS))})")
-    return with_restarts(cfg, builder(cfg))
+    return count_updates(with_restarts(cfg, builder(cfg)))
+
+
+def learning_rate(cfg: Config) -> optax.Schedule:
+    """``count -> lr`` that the update with 0-based index ``count`` applies: the schedule times,
+    with ``optim.reset_every``, the re-warmup factor (:func:`jaxlm.optim.restarts.rewarmup`).
+    Both read the same count as the optimizer's own schedules (none of them is ever reset)."""
+    from jaxlm.optim.restarts import rewarmup
+
+    base = make_schedule(cfg.train)
+    if not cfg.optim.reset_every:
+        return base
+    factor = rewarmup(cfg.optim.reset_every, cfg.optim.rewarmup_steps)
+    return lambda count: base(count) * factor(jnp.asarray(count))
+
+
+def applied_lr(cfg: Config, opt_state: UpdateCount) -> jax.Array:
+    """The learning rate the next update of ``opt_state`` (from :func:`build_optimizer`) uses."""
+    return learning_rate(cfg)(opt_state.count)
 
 
 def lr_at(cfg: Config, step) -> float:
     """Learning rate of the update with 0-based index ``step`` (optax's count before it runs)."""
-    return float(make_schedule(cfg.train)(step))
+    return float(learning_rate(cfg)(step))
 
 
 def _key_name(key) -> str:

@@ -10,8 +10,9 @@ weight refactorization (``optim.refactor_every``) and momentum reset with LR re-
 :mod:`jaxlm.optim.restarts` that :func:`jaxlm.optim.build_optimizer` applies to every method.
 
 :func:`state_bytes` counts parameters + optimizer state of a config from shapes only
-(``jax.eval_shape``), which ``jaxlm-train`` prints at start for every method and
-``bench/optimizer_memory.py`` tabulates for the papers' presets.
+(``jax.eval_shape``); :func:`method_memory` compares every method on one model (``jaxlm-train``
+logs it at start when the run uses a low-rank method or weight) and
+``bench/optimizer_memory.py`` tabulates it for the papers' presets.
 
 Example::
 
@@ -87,3 +88,20 @@ def state_bytes(cfg: Config, bytes_per_entry: int = 4) -> int:
     """Bytes of parameters + optimizer state (+ int32 SLTrain indices) for ``cfg``'s method."""
     p, o, idx = state_entries(cfg)
     return (p + o) * bytes_per_entry + 4 * idx
+
+
+def method_memory(cfg: Config) -> str:
+    """``adamw 1.22 MiB (1.00x) | galore* 1.07 MiB (0.87x) | ...``: float32 parameters + optimizer
+    state of this model under each low-rank method (``jax.eval_shape``: nothing is allocated);
+    ``*`` marks this run's method. Restarts are left out (they add two counters)."""
+    from jaxlm.config import replace
+    from jaxlm.utils.flops import format_bytes
+
+    base = replace(cfg, optim={"reset_every": 0, "refactor_every": 0})
+    sizes = {m: state_bytes(method_config(base, m)) for m in METHODS}
+    this = (cfg.model.weights, cfg.optim.name)
+    if this not in METHODS.values():  # e.g. a plug-in optimizer: show this run's too
+        sizes[f"{cfg.optim.name}/{cfg.model.weights}"] = state_bytes(base)
+    return " | ".join(
+        f"{m}{'*' if METHODS.get(m, this) == this else ''} {format_bytes(b)} "
+        f"({b / sizes['adamw']:.2f}x)" for m, b in sizes.items())

@@ -19,19 +19,22 @@ read and resume stays exact. ``metrics["nonfinite"]`` is 1 for such a step.
 
 Example (see jaxlm/train/loop.py for the full wiring)::
 
-    step_fn = make_train_step(spec, schedule)       # jitted, donates the old state
+    step_fn = make_train_step(spec)                 # jitted, donates the old state
     state, metrics = step_fn(state, batch)          # batch: dict of [B, T] global arrays
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxlm import ops
-from jaxlm.sharding import batch_sharding, replicated, shard
-from jaxlm.train.state import StateSpec
+from jaxlm.optim import applied_lr
+from jaxlm.sharding import batch_sharding, host_to_global, replicated, shard
+from jaxlm.train.state import StateSpec, merge_buffers, split_buffers
 
 
 def loss_fn(spec: StateSpec, params, batch, denom, z_loss: float = 0.0):
@@ -57,12 +60,13 @@ def _microbatches(batch, accum: int):
     return jax.tree.map(split, batch)
 
 
-def train_step(spec: StateSpec, schedule, state, batch):
+def train_step(spec: StateSpec, state, batch):
     cfg = spec.cfg
     accum, z_loss = cfg.train.grad_accum, cfg.train.z_loss
-    params = state["params"]
+    params, buffers = split_buffers(state["params"])  # buffers: no gradient, no optimizer
     denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
-    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(spec, p, b, denom, z_loss), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, b: loss_fn(spec, merge_buffers(p, buffers), b, denom, z_loss), has_aux=True)
     if accum == 1:
         (loss, nll_sum), grads = grad_fn(params, batch)
     else:
@@ -78,11 +82,12 @@ def train_step(spec: StateSpec, schedule, state, batch):
     finite = jnp.isfinite(loss) & all_finite(grads)
     keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     new_state = {"step": state["step"] + 1,
-                 "params": jax.tree.map(keep_if_bad, optax.apply_updates(params, updates), params),
+                 "params": merge_buffers(jax.tree.map(
+                     keep_if_bad, optax.apply_updates(params, updates), params), buffers),
                  "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"]),
                  "rng": state["rng"]}
     metrics = {"loss": loss, "nll": nll_sum / denom, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state["step"]), "tokens": denom,
+               "lr": applied_lr(cfg, state["opt_state"]), "tokens": denom,
                "nonfinite": (~finite).astype(jnp.int32)}
     return new_state, metrics
 
@@ -102,11 +107,31 @@ def eval_step(spec: StateSpec, params, batch):
             "bytes": (batch["target_bytes"] * mask).sum()}
 
 
-def make_train_step(spec: StateSpec, schedule):
+def evaluate(eval_fn, params, batches, mesh) -> dict | None:
+    """Sum NLL, tokens and bytes over held-out batches -> loss, perplexity, bits-per-byte
+    (``eval_fn`` from :func:`make_eval_step`). None when they hold no target token: a metric
+    over zero tokens is never reported.
+
+        loss = Σ nll / Σ tokens,   ppl = exp(loss),   bpb = Σ nll / (ln 2 · Σ target bytes)
+    """
+    totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+    outs = [eval_fn(params, host_to_global(b, mesh)) for b in batches]
+    for out in jax.device_get(outs):
+        for k in totals:
+            totals[k] += float(out[k])
+    if totals["tokens"] <= 0 or totals["bytes"] <= 0:
+        return None
+    loss = totals["nll_sum"] / totals["tokens"]
+    bpb = totals["nll_sum"] / (math.log(2) * totals["bytes"])
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bpb,
+            "tokens": int(totals["tokens"])}
+
+
+def make_train_step(spec: StateSpec):
     """jit(train_step) with the state's shardings in and out, the batch split over (data, fsdp)
     and the old state's buffers donated (updated in place)."""
     mesh = spec.mesh
-    fn = jax.jit(lambda s, b: train_step(spec, schedule, s, b),
+    fn = jax.jit(lambda s, b: train_step(spec, s, b),
                  in_shardings=(spec.shardings, batch_sharding(mesh)),
                  out_shardings=(spec.shardings, replicated(mesh)), donate_argnums=0)
     return _with_mesh(fn, mesh)
