@@ -55,6 +55,8 @@ class ModelConfig:
     remat: str = "none"  # none | full | save_dots
     scan_layers: bool = True
     init_std: float = 0.02
+    # residual + attention-probability dropout, training only (0 = off, bit-identical to none)
+    dropout: float = 0.0
     weights: str = "dense"  # how a matmul weight is parameterised (low-rank/sparse plug in here)
     # -- linear attention family (jaxlm/model/linear.py) --
     layer_pattern: str = ""  # "" = all layers `attention`; else e.g. "LLLS" repeated (S = softmax)
@@ -408,6 +410,11 @@ def validate(cfg: Config) -> Config:
     for key, value in {"optim.b1": cfg.optim.b1, "optim.b2": cfg.optim.b2}.items():
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value} must be in [0, 1)")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.dropout and m.attn_impl == "fused":
+        raise ConfigError("model.dropout drops attention probabilities, which "
+                          "model.attn_impl=fused does not expose; use model.attn_impl=reference")
     if m.vocab_size < 0:
         raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 0 (0 = from tokenizer)")
     if m.d_model % m.n_heads:

@@ -2,8 +2,9 @@
 
 Every matmul weight comes from :func:`jaxlm.model.weights.make_dense` (``model.weights``:
 dense, low-rank, SLTrain). Every ``nnx.Param`` carries logical axis names (``out_sharding``)
-that :mod:`jaxlm.sharding` maps to mesh axes. ``eager_sharding=False`` keeps construction mesh-free: shardings are applied by
-the jitted init in :mod:`jaxlm.train.state`, so full weights never land on one device.
+that :mod:`jaxlm.sharding` maps to mesh axes. ``eager_sharding=False`` keeps construction
+mesh-free: shardings are applied by the jitted init in :mod:`jaxlm.train.state`, so full weights
+never land on one device.
 
 Block (pre-norm, Touvron et al. 2023 LLaMA §2.2):
     h = x + Attn(RMSNorm(x));   y = h + SwiGLU(RMSNorm(h))
@@ -62,7 +63,7 @@ class SoftmaxAttention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs, layer: int = 0):
         d, h, kv, hd, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
-        self.theta, self.impl = cfg.rope_theta, cfg.attn_impl
+        self.theta, self.impl, self.dropout = cfg.rope_theta, cfg.attn_impl, cfg.dropout
         self.wq = make_dense(cfg, (d,), (h, hd), ("embed", "heads", "head_dim"), std=std,
                              rngs=rngs)
         self.wk = make_dense(cfg, (d,), (kv, hd), ("embed", "kv_heads", "head_dim"), std=std,
@@ -77,12 +78,14 @@ class SoftmaxAttention(nnx.Module):
         shape = (batch, max_len) + self.kv_shape  # [B, S, KV, K]
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None):
+    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None,
+                 dropout_key=None):
         q = ops.apply_rope(self.wq(x), positions, self.theta)  # [B, T, H, K]
         k = ops.apply_rope(self.wk(x), positions, self.theta)  # [B, T, KV, K]
         v = self.wv(x)  # [B, T, KV, K]
         if cache is None:
-            o = ops.attention(q, k, v, segment_ids, impl=self.impl)
+            o = ops.attention(q, k, v, segment_ids, impl=self.impl, dropout_rate=self.dropout,
+                              dropout_key=dropout_key)
         else:  # write the T new keys at cache_index, attend over the whole (masked) cache
             k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
                                                         cache_index, axis=1)
@@ -111,9 +114,14 @@ class Block(nnx.Module):
         self.attn = ATTENTION[cfg.attention](cfg, rngs=rngs, layer=layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs=rngs)
+        self.dropout = cfg.dropout  # residual dropout (model.dropout)
 
-    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None):
-        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None,
+                 dropout_key=None):
+        """``dropout_key`` (training only): attention-probability and residual dropout."""
+        keys = [None] * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index,
+                             dropout_key=keys[0])
+        x = x + ops.dropout(h, self.dropout, keys[1])
+        x = x + ops.dropout(self.mlp(self.mlp_norm(x)), self.dropout, keys[2])
         return shard(x, ("batch", "seq", "act_embed")), cache

@@ -138,9 +138,12 @@ class LinearAttention(nnx.Module):
         axes = (-2, -1) if self.cfg.linear_norm == "all" else (-1,)
         return srms_norm(o, axes=axes)
 
-    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None, *, layer=None):
+    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None, *, layer=None,
+                 dropout_key=None):
         """x [B, T, D] -> (y [B, T, D], new cache or None). ``layer`` (may be traced) overrides
-        the constructor's layer index (the scanned Transformer passes it)."""
+        the constructor's layer index (the scanned Transformer passes it). There are no
+        attention probabilities to drop: ``dropout_key`` is accepted and unused (the blocks
+        apply residual dropout)."""
         layer = self.layer if layer is None else layer
         q, k, v, g = self.features(x, positions, layer)  # [B,T,H,K'], [B,T,H,K'], [B,T,H,V'], g
         reset = None if segment_ids is None else document_resets(segment_ids)
@@ -257,11 +260,14 @@ class TNLBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs, layer=0):
         self.attn = TNLAttention(cfg, rngs=rngs, layer=layer)
         self.mlp = SGLU(cfg, rngs=rngs)
+        self.dropout = cfg.dropout  # residual dropout (model.dropout)
 
-    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None, *, layer=None):
+    def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None, *, layer=None,
+                 dropout_key=None):
+        keys = [None] * 2 if dropout_key is None else jax.random.split(dropout_key, 2)
         h, cache = self.attn(srms_norm(x), positions, segment_ids, cache, cache_index, layer=layer)
-        x = x + h
-        x = x + self.mlp(srms_norm(x))
+        x = x + ops.dropout(h, self.dropout, keys[0])
+        x = x + ops.dropout(self.mlp(srms_norm(x)), self.dropout, keys[1])
         return shard(x, ("batch", "seq", "act_embed")), cache
 
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.layers import dropout
+
 _NEG = -1e30  # large negative instead of -inf: a fully masked row stays finite
 
 
@@ -45,8 +47,9 @@ def make_mask(q_pos, kv_pos, q_seg=None, kv_seg=None, kv_valid=None):
     return mask
 
 
-def attention_reference(q, k, v, mask):
-    """Masked GQA softmax attention. q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]."""
+def attention_reference(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_key=None):
+    """Masked GQA softmax attention. q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D].
+    With a ``dropout_key``, attention probabilities are dropped with ``dropout_rate``."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     g = h // kv
@@ -54,18 +57,22 @@ def attention_reference(q, k, v, mask):
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (d**-0.5)  # [B, KV, G, T, S]
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, KV, G, D]
     return out.reshape(b, t, h, d)
 
 
-def attention(q, k, v, segment_ids=None, *, impl: str = "reference"):
+def attention(q, k, v, segment_ids=None, *, impl: str = "reference", dropout_rate: float = 0.0,
+              dropout_key=None):
     """Causal self-attention over a full sequence (training and prefill).
 
     q: [B, T, H, D]; k, v: [B, T, KV, D]; segment_ids: optional [B, T] int (document ids;
-    tokens attend only within their document). Returns [B, T, H, D] in q's dtype.
+    tokens attend only within their document). Returns [B, T, H, D] in q's dtype. Attention-
+    probability dropout (training only) needs ``reference``: the fused kernel has no dropout.
     """
     b, t = q.shape[:2]
+    if impl == "fused" and dropout_key is not None and dropout_rate > 0:
+        raise ValueError("attention dropout needs impl='reference' (the fused kernel has none)")
     if impl == "fused":
         mask = None
         if segment_ids is not None:
@@ -75,4 +82,4 @@ def attention(q, k, v, segment_ids=None, *, impl: str = "reference"):
         raise ValueError(f"unknown attention impl {impl!r} (reference | fused)")
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = make_mask(pos, pos, segment_ids, segment_ids)
-    return attention_reference(q, k, v, mask)
+    return attention_reference(q, k, v, mask, dropout_rate=dropout_rate, dropout_key=dropout_key)

@@ -3,6 +3,8 @@
 RMSNorm (Zhang & Sennrich 2019, eq. 4):   y = x / sqrt(mean(x²) + eps) · g
     computed in float32 whatever the input dtype, returned in the input dtype.
 SwiGLU (Shazeer 2020, eq. 6, "FFN_SwiGLU"): y = (SiLU(x W_gate) ⊙ (x W_up)) W_down
+Dropout (Srivastava et al. 2014, "inverted" form): y = x ⊙ m / (1 − p), m ~ Bernoulli(1 − p),
+    so E[y] = x and nothing changes at evaluation time (no key: the identity).
 
 Example::
 
@@ -26,6 +28,15 @@ def rms_norm(x, scale=None, eps: float = 1e-5):
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def dropout(x, rate: float, key=None):
+    """Zero each entry of x with probability ``rate`` and scale the rest by 1 / (1 - rate);
+    the identity when ``key`` is None or ``rate`` is 0 (evaluation, sampling)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 def swiglu(x, w_gate, w_up, w_down):
