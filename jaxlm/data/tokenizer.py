@@ -71,8 +71,11 @@ class ByteTokenizer(Tokenizer):
         self.token_bytes = np.ones(257, np.int32)
         self.token_bytes[self.eos_id] = 0
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    def encode(self, text: str | bytes) -> np.ndarray:
+        """Bytes as given; a str as UTF-8, where lone surrogates from ``surrogateescape``
+        (undecodable bytes in argv or file names, e.g. ``$'\\xff'``) become those raw bytes."""
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+        return np.frombuffer(raw, np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:
         ids = _as_ids(ids)
@@ -105,6 +108,14 @@ _SAFE_CUT = re.compile(r"(?<=\S)(?=\r?\n)")
 _CHUNK_CHARS = 4096  # chunk size for encode_batch; ~4 KB was fastest on 2 cores
 
 
+def _refuse_special(path: str) -> None:
+    """/dev/zero, a FIFO… as a tokenizer file: say what it is (never read it: it may not end)."""
+    from jaxlm.utils.files import check_data_file, not_regular_file
+
+    if not os.path.isdir(path) and not_regular_file(path):
+        check_data_file(path, "data.tokenizer_path", "a tokenizer file")
+
+
 class GPT2Tokenizer(Tokenizer):
     """GPT-2 byte-level BPE via HF ``tokenizers``; decode goes through an exact byte table."""
 
@@ -114,6 +125,7 @@ class GPT2Tokenizer(Tokenizer):
         from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
         for fname in ("vocab.json", "merges.txt"):
+            _refuse_special(os.path.join(directory, fname))
             if not os.path.isfile(os.path.join(directory, fname)):
                 raise ConfigError(
                     f"gpt2 tokenizer: {fname} not found in {directory} "
@@ -172,6 +184,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str):
         import sentencepiece as spm
 
+        _refuse_special(path)
         if not os.path.isfile(path):
             raise ConfigError(f"sentencepiece tokenizer: model file not found: {path} "
                               "(set data.tokenizer_path to a .model file)")

@@ -28,6 +28,15 @@ Fault model — what can go wrong on disk, and what happens:
   training (``quarantine=True``) the bad step is renamed ``<step>.corrupt`` — kept for the user,
   never deleted — so the same step number can be saved again. If steps exist but none is usable,
   :class:`CheckpointError` says so (and nothing is renamed).
+* **A concurrent writer or a stray ``*-tmp`` dir**: only finalized steps are ever listed or
+  restored (:meth:`Checkpointer.finalized_steps`: ``<dir>/<step>`` must be a directory), so
+  ``jaxlm-sample``/``jaxlm-eval`` never read a ``<step>.orbax-checkpoint-tmp``. One writer per
+  out_dir is enforced by :mod:`jaxlm.train.lock`.
+* **Something in the way**: a regular file named ``checkpoints`` (or any non-directory on the
+  path) or an unwritable directory is a one-line CheckpointError when the Checkpointer is built,
+  before training. Step directories are created synchronously inside ``save``
+  (``create_directories_asynchronously=False``): orbax creating them in a background thread
+  hangs the save forever when that fails, so such a failure is a one-line error instead.
 * **Disk full / unwritable during a save**: the error surfaces at ``save`` or, for an async
   write, at the next ``save``/``wait``/``close``; it becomes one :class:`CheckpointError` line
   naming the step and directory. Earlier checkpoints are untouched (orbax removes old steps only
@@ -49,9 +58,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import signal
+import tempfile
 from typing import Callable, NamedTuple
 
 import grain
@@ -60,6 +71,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxlm.config import CkptConfig, Config, ConfigError, from_dict, to_dict
+from jaxlm.train.compat import check_compatible, describe_changes  # noqa: F401 (re-exported)
 
 log = logging.getLogger("jaxlm")
 
@@ -125,15 +137,54 @@ def reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _fix_for(e: BaseException) -> str:
+    """What to do about a failed write, by its errno (a full disk is only one cause)."""
+    seen = e
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno):
+        seen = seen.__cause__ or seen.__context__
+    code = getattr(seen, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the directory writable"
+    if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EISDIR):
+        return "check that nothing else (a file, another run) is changing the directory"
+    return "fix the directory (free disk space, permissions)"
+
+
+def check_checkpoint_dir(path: str, *, writable: bool = True) -> None:
+    """Before any save: ``path`` and every existing parent must be directories (a regular file
+    named ``checkpoints`` would otherwise make the first save fail in orbax's background thread),
+    and, if ``writable``, creatable and writable. Raises a one-line CheckpointError."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        kind = "a regular file" if os.path.isfile(probe) else "not a directory"
+        where = "" if probe == path else f" (on the path to {path})"
+        raise CheckpointError(f"{probe} is {kind}{where}, but jaxlm keeps checkpoints in a "
+                              "directory there; move that file away, or use another out_dir")
+    if not writable:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=path, prefix=".write-probe-"))
+    except OSError as e:
+        raise CheckpointError(f"cannot create checkpoint directory {path}: {e.strerror}; "
+                              "choose a writable out_dir") from None
+
+
 class Checkpointer:
     """One run's ``<out_dir>/checkpoints``: async saves, verified restores, newest-good fallback."""
 
-    def __init__(self, out_dir: str, cfg: CkptConfig):
+    def __init__(self, out_dir: str, cfg: CkptConfig, *, writable: bool = True):
         self.dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
         self.cfg = cfg
+        check_checkpoint_dir(self.dir, writable=writable)
         self._writing = None  # step of the save whose files may still be in flight
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         try:
             self.manager = ocp.CheckpointManager(
                 self.dir, options=options, item_names=("state", "data", "config"),
@@ -143,7 +194,7 @@ class Checkpointer:
                                   f"{e.strerror}; choose a writable out_dir") from None
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        return max(self.finalized_steps(), default=None)
 
     def should_save(self, step: int) -> bool:
         return bool(self.cfg.every) and step % self.cfg.every == 0
@@ -200,8 +251,7 @@ class Checkpointer:
         fallback = f"step {max(good)}" if good else "none"
         return CheckpointError(
             f"checkpoint save at step {step} to {self.dir} failed ({reason(e)}); the last "
-            f"complete checkpoint is {fallback} — free disk space or fix the directory, then "
-            "rerun to resume from it")
+            f"complete checkpoint is {fallback} — {_fix_for(e)}, then rerun to resume from it")
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -240,7 +290,7 @@ class Checkpointer:
         """
         self._log_unfinished()
         bad = []  # (step, reason), newest first
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        for step in sorted(self.finalized_steps(), reverse=True):
             try:
                 saved = self.saved_config(step)
             except Exception as e:  # noqa: BLE001 - any read failure means this step is bad
@@ -250,6 +300,12 @@ class Checkpointer:
             try:
                 state = self.restore(step, abstract, data_iter)
             except Exception as e:  # noqa: BLE001
+                if _is_layout_mismatch(e):  # other settings, not damage: stop, rename nothing
+                    raise ConfigError(
+                        f"checkpoint step {step} in {self.dir} is intact but its training state "
+                        "has another layout than this run's (different optimizer settings, e.g. "
+                        "optim.grad_clip or restarts switched on/off); rerun with the settings "
+                        "saved in the out_dir's config.yaml, or use a new out_dir") from None
                 bad.append((step, reason(e)))
                 continue
             for b, why in bad:
@@ -270,6 +326,12 @@ class Checkpointer:
                 + "; move that directory away to train from scratch, or restore it from a backup")
         return None
 
+    def finalized_steps(self) -> list[int]:
+        """Steps whose save completed: orbax lists them, and ``<dir>/<step>`` is a directory
+        (never a ``<step>.orbax-checkpoint-tmp…`` left by a crash or a concurrent writer)."""
+        return [s for s in self.manager.all_steps()
+                if os.path.isdir(os.path.join(self.dir, str(s)))]
+
     def _quarantine(self, step: int) -> str:
         """Rename a damaged step dir to ``<step>.corrupt`` (primary only); returns the new path."""
         src = os.path.join(self.dir, str(step))
@@ -289,18 +351,10 @@ class Checkpointer:
                             "crash; replaced if that step is saved again)", name, self.dir)
 
 
-def check_compatible(saved: Config, cfg: Config) -> None:
-    """A checkpoint can resume only a run of the same model and tokenizer; say what differs."""
-    diffs = [f"model.{k}: checkpoint {v!r} vs now {getattr(cfg.model, k)!r}"
-             for k, v in to_dict(saved.model).items()
-             if k not in ("remat", "scan_layers", "attn_impl", "dtype")
-             and v != getattr(cfg.model, k)]
-    if saved.data.tokenizer != cfg.data.tokenizer:
-        diffs.append(f"data.tokenizer: checkpoint {saved.data.tokenizer!r} vs now "
-                     f"{cfg.data.tokenizer!r}")
-    if diffs:
-        raise ConfigError("out_dir holds a checkpoint of a different model (" + "; ".join(diffs)
-                          + "); use a new out_dir or the checkpoint's settings")
+def _is_layout_mismatch(e: BaseException) -> bool:
+    """A restore that failed because the target's tree differs from the saved one (other
+    settings), as opposed to damage."""
+    return "tree structures do not match" in str(e)
 
 
 def is_primary() -> bool:
@@ -323,7 +377,7 @@ def load_trained(out_dir: str):
     if not os.path.isdir(ckpt_dir):
         raise ConfigError(f"no checkpoints in {out_dir} (expected {ckpt_dir}); "
                           "train first with `jaxlm-train out_dir=...`")
-    ckpt = Checkpointer(out_dir, CkptConfig())
+    ckpt = Checkpointer(out_dir, CkptConfig(), writable=False)
     built = {}  # (model, optim) -> spec; "last": (cfg, spec) of the step last tried
 
     def target(saved: Config) -> dict:

@@ -7,6 +7,13 @@ step wins). Values are converted to plain Python ``int``/``float``/``bool``/``st
 floats are written as ``null`` so every line is strict JSON (TensorBoard still gets the NaN).
 Numeric values are mirrored to ``tensorboardX.SummaryWriter(<out_dir>/tb)``.
 
+Failures never hang or pass silently: a failed ``metrics.jsonl`` write (disk full, directory
+removed) is one ``ConfigError`` line; tensorboardX writes events in a background thread that dies
+on an I/O error, after which its bounded queue would block the training loop forever once full —
+``write`` checks that thread first and raises the same one-line error instead. tensorboardX's
+``NaN or Inf found in input tensor.`` warning (logged for every non-finite scalar, e.g. a skipped
+step's loss) is dropped: the JSON row already records it as ``null``.
+
 Callers pass host values that were already fetched (one ``jax.device_get`` every ``log_every``
 steps, never ``float(loss)`` per step); this module does not import jax. On non-zero processes
 construct it with ``enabled=False`` and every method is a no-op (no files, no bar).
@@ -23,10 +30,23 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
 from typing import Any, Mapping
+
+from jaxlm.config import ConfigError
+
+
+class _DropNanWarning(logging.Filter):
+    """tensorboardX.x2num warns 'NaN or Inf found in input tensor.' per non-finite scalar."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "NaN or Inf found in input tensor" not in record.getMessage()
+
+
+_NAN_FILTER = _DropNanWarning()
 
 
 def to_python(value: Any):
@@ -41,6 +61,14 @@ def to_python(value: Any):
         value = float(value)
         return value if math.isfinite(value) else None
     raise TypeError(f"metric value {value!r} of type {type(value).__name__} is not a scalar")
+
+
+def _tb_alive(tb) -> bool:
+    """False if tensorboardX's event-writer thread has died (then stop using it: its queue would
+    block every later write once full)."""
+    worker = getattr(getattr(getattr(tb, "file_writer", None), "event_writer", None), "_worker",
+                     None)
+    return worker is None or worker.is_alive()
 
 
 class MetricWriter:
@@ -58,11 +86,22 @@ class MetricWriter:
         self._bar = None
         if not enabled:
             return
-        os.makedirs(out_dir, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise self._error(e) from None
         if tensorboard:
             from tensorboardX import SummaryWriter  # lazy: only process 0 pays the import
+
+            logging.getLogger("tensorboardX.x2num").addFilter(_NAN_FILTER)  # (idempotent)
             self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def _error(self, e: OSError, what: str = "metrics") -> ConfigError:
+        why = e.strerror or type(e).__name__
+        return ConfigError(f"cannot write {what} in {self.out_dir}: {why}; free disk space or fix "
+                           "the directory, then rerun (training resumes from the last checkpoint)")
+
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append ``{"step": step, **metrics}`` as one JSON line and mirror numbers to TB."""
@@ -72,8 +111,15 @@ class MetricWriter:
         raw = {k: (v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v)
                for k, v in metrics.items()}
         row = {"step": step, **{k: to_python(v) for k, v in raw.items() if k != "step"}}
-        self._file.write(json.dumps(row, allow_nan=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row, allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise self._error(e) from None
+        if self._tb is not None and not _tb_alive(self._tb):
+            self._tb = None  # never close() it: that too would wait on the dead thread's queue
+            raise self._error(OSError(0, "the TensorBoard writer thread failed"),
+                              "TensorBoard events")
         if self._tb is not None:
             for key, value in raw.items():
                 if isinstance(value, numbers.Real) and key != "step":
@@ -105,11 +151,15 @@ class MetricWriter:
             self._bar.close()
             self._bar = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            if _tb_alive(tb):
+                tb.close()
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError:  # close() runs on error paths too: keep the first error
+                pass
 
     def __enter__(self) -> "MetricWriter":
         return self

@@ -1,0 +1,49 @@
+"""Is this path a regular file? One place that says what a data or config path really is.
+
+Users point ``data.path``, ``data.val_path``, ``jaxlm-eval --data`` or the config argument at
+things that exist but are not files: a directory, a FIFO (``<(zcat corpus.gz)``), ``/dev/null``,
+``/dev/zero``, a socket. "file not found" would be wrong for those, and reading them is unsafe
+(``/dev/zero`` never ends; a pipe reads once, but data is read again for the token cache and on
+every resume). :func:`check_data_file` refuses them up front, naming what the path is, before
+anything opens it.
+
+Example::
+
+    not_regular_file("/dev/zero")         # 'a character device'
+    check_data_file("/dev/zero")          # ConfigError: data.path: /dev/zero is a character ...
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+
+def not_regular_file(path: str) -> str:
+    """'' for a regular file or a missing path, else what it is: 'a directory', 'a named pipe
+    (FIFO)', 'a character device', 'a block device', 'a socket' (symlinks are followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket")]
+    return next((kind for test, kind in kinds if test(mode)),
+                "" if stat.S_ISREG(mode) else "not a regular file")
+
+
+def check_data_file(path: str, what: str = "data.path", kind: str = "a UTF-8 text file") -> None:
+    """``path`` must be an existing regular file, else a one-line ConfigError saying what it is
+    and what to do. Nothing is opened."""
+    from jaxlm.config import ConfigError  # (jaxlm.config imports this module)
+
+    if os.path.isdir(path):
+        raise ConfigError(f"{what}: {path} is a directory (point {what} at {kind})")
+    special = not_regular_file(path)
+    if special:
+        raise ConfigError(f"{what}: {path} is {special}, not a regular file; jaxlm reads its data "
+                          f"more than once, so copy it into a regular file and point {what} there")
+    if not os.path.isfile(path):
+        hint = " (a broken symlink)" if os.path.islink(path) else ""
+        raise ConfigError(f"{what}: file not found: {path}{hint} (point {what} at {kind})")
