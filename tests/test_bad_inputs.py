@@ -59,6 +59,22 @@ CASES = [
     Case("config file missing", "train", ["{tmp}/missing.yaml"],
          "config file not found: {tmp}/missing.yaml (pass an existing YAML file, e.g. "
          "configs/tiny.yaml)", "pass an existing YAML file"),
+    Case("same YAML section twice", "train", ["{tmp}/dup.yaml"],
+         "{tmp}/dup.yaml: duplicate key 'train' at line 3 (first at line 1); YAML would silently "
+         "drop the first one — merge them into one", "merge them into one"),
+    Case("same key twice in a YAML section", "train", ["{tmp}/dupkey.yaml"],
+         "{tmp}/dupkey.yaml: duplicate key 'steps' at line 3 (first at line 2); YAML would "
+         "silently drop the first one — merge them into one", "merge them into one"),
+    Case("config path is a device", "train", ["/dev/zero"],
+         "config file /dev/zero is a character device, not a regular file; pass a YAML file "
+         "(e.g. configs/tiny.yaml)", "pass a YAML file"),
+    Case("config path with '=' in it", "train", ["{tmp}/a=b.yaml"],
+         "config file not found: {tmp}/a=b.yaml (in …); pass an existing YAML file or a preset "
+         "name (…)", "pass an existing YAML file"),
+    Case("config file after the overrides", "train", ["train.steps=3", "{tiny}"],
+         "jaxlm-train: '{tiny}' comes after other arguments, but the config file must come "
+         "first: jaxlm-train CONFIG.yaml key=value ...",
+         "the config file must come first: jaxlm-train CONFIG.yaml key=value ..."),
     Case("unknown option", "train", ["--steps", "10"],
          "jaxlm-train: unknown option '--steps' (usage: jaxlm-train [CONFIG.yaml] "
          "[section.key=value ...])", "usage: jaxlm-train [CONFIG.yaml] [section.key=value ...]"),
@@ -116,6 +132,9 @@ CASES = [
          "data.val_fraction=1.5 must be in (0, 1)", "must be in (0, 1)"),
     Case("stop_at past the end", "train", [T, "train.stop_at=1000"],
          "train.stop_at=1000 must be in [0, train.steps=60]", "must be in [0, train.steps=60]"),
+    Case("seed larger than int64", "train", [T, "seed=99999999999999999999"],
+         "seed=99999999999999999999 must be in [0, 4294967295] (write e.g. seed=1234)",
+         "write e.g. seed=1234"),
     Case("empty out_dir", "train", [T, "out_dir="],
          "out_dir is empty; set out_dir=<a directory for checkpoints and logs>",
          "set out_dir=<a directory for checkpoints and logs>"),
@@ -179,6 +198,22 @@ CASES = [
     Case("data shorter than one sequence", "train", [T, "data.path={tmp}/short.txt"],
          "train split has 6 tokens but data.seq_len=64 needs at least 65 (use more text or a "
          "smaller data.seq_len)", "use more text or a smaller data.seq_len"),
+    Case("data path is /dev/zero", "train", [T, "data.path=/dev/zero"],
+         "data.path: /dev/zero is a character device, not a regular file; jaxlm reads its data "
+         "more than once, so copy it into a regular file and point data.path there",
+         "copy it into a regular file"),
+    Case("data path is /dev/null", "train", [T, "data.path=/dev/null"],
+         "data.path: /dev/null is a character device, not a regular file; jaxlm reads its data "
+         "more than once, so copy it into a regular file and point data.path there",
+         "copy it into a regular file"),
+    Case("data path is a FIFO", "train", [T, "data.path={tmp}/fifo"],
+         "data.path: {tmp}/fifo is a named pipe (FIFO), not a regular file; jaxlm reads its data "
+         "more than once, so copy it into a regular file and point data.path there",
+         "copy it into a regular file"),
+    Case("corpus (pack mode) is a FIFO", "train", [T, "data.mode=pack", "data.path={tmp}/fifo"],
+         "data.path: {tmp}/fifo is a named pipe (FIFO), not a regular file; jaxlm reads its data "
+         "more than once, so copy it into a regular file and point data.path there",
+         "copy it into a regular file"),
     Case("validation file missing", "train", [T, "data.val_path={tmp}/missing.txt"],
          "data.val_path: file not found: {tmp}/missing.txt (point data.val_path at a UTF-8 text "
          "file)", "point data.val_path at a UTF-8 text file"),
@@ -197,6 +232,11 @@ CASES = [
          [T, "data.tokenizer=gpt2", "data.tokenizer_path={tmp}"],
          "gpt2 tokenizer: vocab.json not found in {tmp} (set data.tokenizer_path to a dir with "
          "vocab.json and merges.txt)", "set data.tokenizer_path to a dir with vocab.json"),
+    Case("tokenizer file is /dev/zero", "train",
+         [T, "data.tokenizer=sentencepiece", "data.tokenizer_path=/dev/zero"],
+         "data.tokenizer_path: /dev/zero is a character device, not a regular file; jaxlm reads "
+         "its data more than once, so copy it into a regular file and point data.tokenizer_path "
+         "there", "copy it into a regular file"),
     # -- jaxlm-sample / jaxlm-eval / python -m jaxlm.cli --
     Case("sample without a checkpoint", "sample", ["--ckpt", "{tmp}", "--prompt", "x"],
          "no checkpoints in {tmp} (expected {tmp}/checkpoints); train first with "
@@ -225,15 +265,28 @@ CASES = [
          "pass a UTF-8 text file"),
     Case("eval negative batch size", "eval", ["--ckpt", "{ckpt}", "--data", "{tiny}",
                                               "--batch-size", "-1"],
-         "jaxlm-eval: --batch-size -1 and --max-batches 0 must be >= 0 (0 = default / the whole "
-         "file)", "must be >= 0"),
+         "jaxlm-eval: --batch-size -1, --max-batches 0 and --seq-len 0 must be >= 0 (0 = "
+         "default / the whole file)", "must be >= 0"),
+    Case("eval file shorter than one window", "eval",
+         ["--ckpt", "{ckpt}", "--data", "{tmp}/short.txt"],
+         "jaxlm-eval: --data {tmp}/short.txt has 7 tokens, but one window of the checkpoint's "
+         "data.seq_len=64 needs 65; pass a longer file, or score shorter windows with --seq-len 6",
+         "score shorter windows with --seq-len 6"),
+    Case("eval --seq-len past the trained context", "eval",
+         ["--ckpt", "{ckpt}", "--data", "{tiny}", "--seq-len", "100"],
+         "jaxlm-eval: --seq-len 100 must be in [1, 64] (the checkpoint's data.seq_len; 0 = 64)",
+         "must be in [1, 64]"),
+    Case("eval data is /dev/zero", "eval", ["--ckpt", "{ckpt}", "--data", "/dev/zero"],
+         "jaxlm-eval --data: /dev/zero is a character device, not a regular file; jaxlm reads its "
+         "data more than once, so copy it into a regular file and point jaxlm-eval --data there",
+         "copy it into a regular file"),
     Case("unknown subcommand", "cli", ["fit", "{tiny}"],
          "unknown command 'fit' (usage: python -m jaxlm.cli {train,sample,eval} ...)",
          "usage: python -m jaxlm.cli {train,sample,eval} ..."),
 ]
 MAINS = {"train": train_main, "sample": sample_main, "eval": eval_main, "cli": main}
 SUBPROCESS = ("mistyped key", "mesh size does not divide the devices",
-              "sample flag value of the wrong type")
+              "sample flag value of the wrong type", "data path is /dev/zero")
 
 
 def _fill(text: str, paths: dict) -> str:
@@ -291,9 +344,12 @@ def paths(tmp_path, request):
     """The placeholders of one row: the bad files in {tmp}, and {ckpt} when the row uses it."""
     files = {"bad.yaml": b"model: {d_model: 64\n", "list.yaml": b"- train\n- model\n",
              "section.yaml": b"model: 5\n", "latin1.yaml": b"# caf\xe9\n", "empty.txt": b"",
-             "latin1.txt": b"caf\xe9 au lait\n", "short.txt": b"To be.\n"}
+             "latin1.txt": b"caf\xe9 au lait\n", "short.txt": b"To be.\n",
+             "dup.yaml": b"train: {steps: 5}\nmodel: {d_model: 64}\ntrain: {lr: 1.0e-3}\n",
+             "dupkey.yaml": b"train:\n  steps: 5\n  steps: 6\n"}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
+    os.mkfifo(tmp_path / "fifo")  # exists, but is not a file (nothing ever writes to it)
     out = {"tiny": os.path.join(REPO, "configs", "tiny.yaml"),
            "configs": os.path.join(REPO, "configs"), "tmp": str(tmp_path)}
     case = request.node.callspec.params["case"]
