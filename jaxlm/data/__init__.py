@@ -14,16 +14,9 @@ the piece lengths a document is cut into).
 """
 
 from jaxlm.data.bucketing import DDDataSource, decompose
+from jaxlm.data.modes import MODES, make_data_source, register_data_mode
 from jaxlm.data.packing import PackDataSource
-from jaxlm.data.pipeline import (
-    BATCH_KEYS,
-    ConcatDataSource,
-    DataSource,
-    Windows,
-    make_data_source,
-    read_text,
-    register_data_mode,
-)
+from jaxlm.data.pipeline import BATCH_KEYS, ConcatDataSource, DataSource, Windows, read_text
 from jaxlm.data.tokenizer import (
     ByteTokenizer,
     GPT2Tokenizer,
@@ -35,5 +28,5 @@ from jaxlm.data.tokenizer import (
 __all__ = [
     "BATCH_KEYS", "ByteTokenizer", "ConcatDataSource", "DataSource", "GPT2Tokenizer",
     "SentencePieceTokenizer", "Tokenizer", "Windows", "get_tokenizer", "make_data_source",
-    "read_text", "register_data_mode", "decompose", "DDDataSource", "PackDataSource",
+    "read_text", "register_data_mode", "decompose", "DDDataSource", "PackDataSource", "MODES",
 ]

@@ -63,7 +63,7 @@ import numpy as np
 from jaxlm.config import ConfigError, DataConfig
 from jaxlm.data.corpus import TokenCorpus, load_splits
 from jaxlm.data.packing import PackedEvalRows
-from jaxlm.data.pipeline import eval_batches_from_rows, local_batch_size
+from jaxlm.data.pipeline import HeldOut, local_batch_size
 from jaxlm.data.tokenizer import get_tokenizer
 
 log = logging.getLogger("jaxlm")
@@ -227,7 +227,7 @@ def parse_buckets(cfg: DataConfig) -> list[int]:
     return sorted(set(raw))
 
 
-class DDDataSource:
+class DDDataSource(HeldOut):
     """Mode ``dd`` (see the module docstring)."""
 
     def __init__(self, cfg: DataConfig):
@@ -286,8 +286,3 @@ class DDDataSource:
         self.schedule = schedule
         ds = grain.MapDataset.select_from_datasets(datasets, schedule)
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
-
-    def eval_batches(self, *, batch_size: int, num_batches: int, process_index: int = 0,
-                     process_count: int = 1) -> list[dict]:
-        return eval_batches_from_rows(self.val_rows, batch_size=batch_size, num_batches=num_batches,
-                                      process_index=process_index, process_count=process_count)

@@ -40,7 +40,7 @@ import numpy as np
 
 from jaxlm.config import ConfigError, DataConfig
 from jaxlm.data.corpus import TokenCorpus, load_splits
-from jaxlm.data.pipeline import BATCH_KEYS, eval_batches_from_rows, local_batch_size
+from jaxlm.data.pipeline import BATCH_KEYS, HeldOut, local_batch_size
 from jaxlm.data.tokenizer import get_tokenizer
 
 
@@ -116,7 +116,7 @@ class PackedEvalRows:
         return out
 
 
-class PackDataSource:
+class PackDataSource(HeldOut):
     """Mode ``pack`` (see the module docstring)."""
 
     def __init__(self, cfg: DataConfig):
@@ -147,8 +147,3 @@ class PackDataSource:
             num_packing_bins=self.cfg.pack_bins or local, seed=seed,
             shuffle_bins=self.cfg.shuffle)
         return iter(it.map(_finish).batch(local, drop_remainder=True))
-
-    def eval_batches(self, *, batch_size: int, num_batches: int, process_index: int = 0,
-                     process_count: int = 1) -> list[dict]:
-        return eval_batches_from_rows(self.val_rows, batch_size=batch_size, num_batches=num_batches,
-                                      process_index=process_index, process_count=process_count)

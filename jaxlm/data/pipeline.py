@@ -13,10 +13,11 @@ token, so every token after the first is a target exactly once per epoch and not
 except the tail shorter than a window. Validation is ``data.val_path`` if set, else the last
 ``val_fraction`` of the tokens of ``data.path``.
 
-Modes ``pack`` (:mod:`jaxlm.data.packing`) and ``dd`` (Dataset Decomposition,
-:mod:`jaxlm.data.bucketing`) read document corpora (:mod:`jaxlm.data.corpus`). More modes plug in
-with ``register_data_mode(name, builder)``; a builder maps a DataConfig to any object that follows
-the :class:`DataSource` protocol.
+This module is the bottom of the data layer: the :class:`DataSource` protocol, the shared grain
+train pipeline and held-out batching (:class:`HeldOut`), and the ``concat`` mode. Modes ``pack``
+(:mod:`jaxlm.data.packing`) and ``dd`` (Dataset Decomposition, :mod:`jaxlm.data.bucketing`) read
+document corpora (:mod:`jaxlm.data.corpus`) and build on it; the registry of modes, where all of
+them are known, is :mod:`jaxlm.data.modes` (imports go one way: modes -> modes' modules -> here).
 
 Training iterator (grain): source(windows) -> shuffle(seed) -> repeat(None) (reshuffled each
 epoch) -> batch(local) -> every ``process_count``-th block from ``process_index``. The shuffle is a
@@ -152,7 +153,19 @@ def train_iterator_from_rows(rows, *, batch_size: int, process_index: int, proce
     return iter(ds.to_iter_dataset(read))
 
 
-class ConcatDataSource:
+class HeldOut:
+    """The one ``eval_batches`` of every mode: the first batches of ``self.val_rows`` (any
+    sequence of row dicts with a ``seq_len``), see :func:`eval_batches_from_rows`."""
+
+    val_rows: Sequence
+
+    def eval_batches(self, *, batch_size: int, num_batches: int, process_index: int = 0,
+                     process_count: int = 1) -> list[dict]:
+        return eval_batches_from_rows(self.val_rows, batch_size=batch_size, num_batches=num_batches,
+                                      process_index=process_index, process_count=process_count)
+
+
+class ConcatDataSource(HeldOut):
     """Concat-and-chunk over one text file (see the module docstring)."""
 
     def __init__(self, cfg: DataConfig):
@@ -181,11 +194,6 @@ class ConcatDataSource:
             self.train_rows, batch_size=batch_size, process_index=process_index,
             process_count=process_count, seed=seed, shuffle=self.cfg.shuffle)
 
-    def eval_batches(self, *, batch_size: int, num_batches: int, process_index: int = 0,
-                     process_count: int = 1) -> list[dict]:
-        return eval_batches_from_rows(self.val_rows, batch_size=batch_size, num_batches=num_batches,
-                                      process_index=process_index, process_count=process_count)
-
 
 def eval_batches_from_rows(rows, *, batch_size: int, num_batches: int, process_index: int,
                            process_count: int) -> list[dict]:
@@ -207,33 +215,3 @@ def eval_batches_from_rows(rows, *, batch_size: int, num_batches: int, process_i
         items = [rows[i] if i < n else pad_row(rows.seq_len) for i in range(start, start + local)]
         out.append({k: np.stack([it[k] for it in items]) for k in BATCH_KEYS})  # [local, L]
     return out
-
-
-def _pack_mode(cfg: DataConfig) -> DataSource:
-    from jaxlm.data.packing import PackDataSource  # imported lazily: it imports this module
-
-    return PackDataSource(cfg)
-
-
-def _dd_mode(cfg: DataConfig) -> DataSource:
-    from jaxlm.data.bucketing import DDDataSource
-
-    return DDDataSource(cfg)
-
-
-# concat (above), pack (jaxlm/data/packing.py), dd = Dataset Decomposition (jaxlm/data/bucketing.py)
-_MODES: dict[str, Callable[[DataConfig], DataSource]] = {
-    "concat": ConcatDataSource, "pack": _pack_mode, "dd": _dd_mode}
-
-
-def register_data_mode(name: str, builder: Callable[[DataConfig], DataSource]) -> None:
-    """Add a data mode ``builder(cfg) -> DataSource`` and allow ``data.mode=name`` in configs."""
-    _MODES[name] = builder
-    register_choice("data.mode", name)
-
-
-def make_data_source(cfg: DataConfig) -> DataSource:
-    """Build the data source for ``cfg.mode`` (tokenizes the corpus now). Raises ConfigError."""
-    if cfg.mode not in _MODES:
-        raise ConfigError(f"data.mode={cfg.mode!r} is not one of: {', '.join(sorted(_MODES))}")
-    return _MODES[cfg.mode](cfg)
