@@ -132,7 +132,7 @@ def generate(graphdef, params, prompt, *, max_new_tokens: int, key=None, tempera
     return np.asarray(out)
 
 
-def sample_text(graphdef, params, tokenizer, prompt: str, *, max_new_tokens: int,
+def sample_text(graphdef, params, tokenizer, prompt: str | bytes, *, max_new_tokens: int,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                 context: int = 0) -> str:
     """``prompt`` + its sampled continuation up to eos; an empty prompt starts from eos as BOS.
