@@ -57,8 +57,8 @@ CASES = [
          "config file {configs} is a directory; pass a YAML file (e.g. configs/tiny.yaml)",
          "pass a YAML file"),
     Case("config file missing", "train", ["{tmp}/missing.yaml"],
-         "config file not found: {tmp}/missing.yaml (pass an existing YAML file, e.g. "
-         "configs/tiny.yaml)", "pass an existing YAML file"),
+         "config file not found: {tmp}/missing.yaml (in …); pass an existing YAML file or a "
+         "preset name (…)", "pass an existing YAML file"),
     Case("same YAML section twice", "train", ["{tmp}/dup.yaml"],
          "{tmp}/dup.yaml: duplicate key 'train' at line 3 (first at line 1); YAML would silently "
          "drop the first one — merge them into one", "merge them into one"),
@@ -75,6 +75,9 @@ CASES = [
          "jaxlm-train: '{tiny}' comes after other arguments, but the config file must come "
          "first: jaxlm-train CONFIG.yaml key=value ...",
          "the config file must come first: jaxlm-train CONFIG.yaml key=value ..."),
+    Case("two config files", "train", ["{tiny}", "{tiny}"],
+         "jaxlm-train takes one config file, got a second: '{tiny}' (merge them, or pass its "
+         "settings as key=value overrides)", "pass its settings as key=value overrides"),
     Case("unknown option", "train", ["--steps", "10"],
          "jaxlm-train: unknown option '--steps' (usage: jaxlm-train [CONFIG.yaml] "
          "[section.key=value ...])", "usage: jaxlm-train [CONFIG.yaml] [section.key=value ...]"),
@@ -95,6 +98,12 @@ CASES = [
     Case("override sets a whole section", "train", [T, "train=5"],
          "train: expected a mapping of keys, got 5 (write e.g. train.key=value)",
          "write e.g. train.key=value"),
+    Case("override sets a whole section to null", "train", [T, "model=null"],
+         "override 'model=null' would drop every model.* setting of the config file; set single "
+         "keys instead (e.g. model.key=value)", "set single keys instead"),
+    Case("integer beyond 64 bits", "train", [T, "train.batch_size=99999999999999999999"],
+         "train.batch_size=99999999999999999999 is too large (it must fit in 64 bits)",
+         "must fit in 64 bits"),
     Case("wrong type (text for an int)", "train", [T, "train.steps=abc"],
          "train.steps: expected int, got 'abc' (write e.g. train.steps=8)",
          "write e.g. train.steps=8"),
