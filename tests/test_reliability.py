@@ -138,9 +138,13 @@ def test_metrics_write_failure_is_one_line(tmp_path):
     w._file.close()
     w._file = Full()
     with pytest.raises(ConfigError, match=r"cannot write metrics in .*: No space left on device; "
-                       "free disk space or fix the directory, then rerun"):
+                       "free disk space, then rerun"):
         w.write(1, {"loss": 1.0})
     w.close()
+    (tmp_path / "tb").write_text("in the way")
+    with pytest.raises(ConfigError, match=r"cannot write TensorBoard events in .*: Not a "
+                       r"directory; check that nothing else \(a file, another run\)"):
+        MetricWriter(str(tmp_path))
 
 
 def test_dead_tensorboard_thread_is_an_error_not_a_hang(tmp_path):

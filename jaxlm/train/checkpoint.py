@@ -58,7 +58,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import signal
@@ -72,6 +71,7 @@ import orbax.checkpoint as ocp
 
 from jaxlm.config import CkptConfig, Config, ConfigError, from_dict, to_dict
 from jaxlm.train.compat import check_compatible, describe_changes  # noqa: F401 (re-exported)
+from jaxlm.utils.files import write_fix as _fix_for
 
 log = logging.getLogger("jaxlm")
 
@@ -135,21 +135,6 @@ def reason(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [""])[0]
     text = text if len(text) <= 160 else text[:157] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _fix_for(e: BaseException) -> str:
-    """What to do about a failed write, by its errno (a full disk is only one cause)."""
-    seen = e
-    while seen is not None and not (isinstance(seen, OSError) and seen.errno):
-        seen = seen.__cause__ or seen.__context__
-    code = getattr(seen, "errno", None)
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return "free disk space"
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "make the directory writable"
-    if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EISDIR):
-        return "check that nothing else (a file, another run) is changing the directory"
-    return "fix the directory (free disk space, permissions)"
 
 
 def check_checkpoint_dir(path: str, *, writable: bool = True) -> None:

@@ -5,7 +5,8 @@ things that exist but are not files: a directory, a FIFO (``<(zcat corpus.gz)``)
 ``/dev/zero``, a socket. "file not found" would be wrong for those, and reading them is unsafe
 (``/dev/zero`` never ends; a pipe reads once, but data is read again for the token cache and on
 every resume). :func:`check_data_file` refuses them up front, naming what the path is, before
-anything opens it.
+anything opens it. :func:`write_fix` names the fix for a failed write by its errno (a full disk
+is only one of the causes; "free disk space" for a file in the way would mislead).
 
 Example::
 
@@ -15,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -47,3 +49,18 @@ def check_data_file(path: str, what: str = "data.path", kind: str = "a UTF-8 tex
     if not os.path.isfile(path):
         hint = " (a broken symlink)" if os.path.islink(path) else ""
         raise ConfigError(f"{what}: file not found: {path}{hint} (point {what} at {kind})")
+
+
+def write_fix(e: BaseException) -> str:
+    """What to do about a failed write, by its errno (a full disk is only one cause)."""
+    seen = e
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno):
+        seen = seen.__cause__ or seen.__context__
+    code = getattr(seen, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the directory writable"
+    if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EISDIR):
+        return "check that nothing else (a file, another run) is changing the directory"
+    return "fix the directory (free disk space, permissions)"

@@ -37,6 +37,7 @@ import os
 from typing import Any, Mapping
 
 from jaxlm.config import ConfigError
+from jaxlm.utils.files import write_fix
 
 
 class _DropNanWarning(logging.Filter):
@@ -95,12 +96,16 @@ class MetricWriter:
             from tensorboardX import SummaryWriter  # lazy: only process 0 pays the import
 
             logging.getLogger("tensorboardX.x2num").addFilter(_NAN_FILTER)  # (idempotent)
-            self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            try:
+                self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except OSError as e:  # e.g. a file named tb in out_dir
+                self.close()
+                raise self._error(e, "TensorBoard events") from None
 
     def _error(self, e: OSError, what: str = "metrics") -> ConfigError:
         why = e.strerror or type(e).__name__
-        return ConfigError(f"cannot write {what} in {self.out_dir}: {why}; free disk space or fix "
-                           "the directory, then rerun (training resumes from the last checkpoint)")
+        return ConfigError(f"cannot write {what} in {self.out_dir}: {why}; {write_fix(e)}, then "
+                           "rerun (training resumes from the last checkpoint)")
 
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
