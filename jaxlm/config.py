@@ -272,16 +272,51 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one and
+    silently drops the first: a second ``train:`` section would erase the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}  # key -> line of its first occurrence
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are fine
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML reports it below
+                continue
+            if first is not None:
+                raise ConfigError(
+                    f"{self.name}: duplicate key {key!r} at line {line} (first at line {first}); "
+                    "YAML would silently drop the first one — merge them into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_load(text, source: str = "<string>"):
+    """``yaml.safe_load`` that raises ConfigError for duplicate keys (see _UniqueKeyLoader)."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str) -> dict:
     if os.path.isdir(path):
         raise ConfigError(f"config file {path} is a directory; pass a YAML file "
                           "(e.g. configs/tiny.yaml)")
+    if not_regular_file(path):
+        raise ConfigError(f"config file {path} is {not_regular_file(path)}, not a regular file; "
+                          "pass a YAML file (e.g. configs/tiny.yaml)")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path} (in {os.getcwd()}); pass an existing "
-                          f"YAML file or a preset name ({', '.join(preset_names())})")
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML file or a "
+                          f"preset name ({', '.join(preset_names())})")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f, path) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -375,6 +410,33 @@ def _leaves(cfg: Config):
             yield (f"{name}.{key}" if key else name), leaf
 
 
+def layer_pattern(m: ModelConfig) -> str:
+    """The repeating unit of layer kinds: "S" softmax, "L" ``model.attention`` (a linear variant);
+    ConfigError if it is malformed. ``model.layer_pattern=""`` means every layer is
+    ``model.attention``. A pattern of length p must divide n_layers; layer l has kind
+    pattern[l % p] (e.g. "LLLS": one softmax layer every 4)."""
+    pattern = m.layer_pattern or ("S" if m.attention == "softmax" else "L")
+    if set(pattern) - {"L", "S"} or m.n_layers % len(pattern):
+        raise ConfigError(f"model.layer_pattern={m.layer_pattern!r}: use only L/S, with a length "
+                          f"that divides model.n_layers={m.n_layers}")
+    if "L" in pattern and m.attention == "softmax":
+        raise ConfigError("model.layer_pattern has L layers but model.attention=softmax; choose a "
+                          "linear variant (linear, retnet, tnl, simple_gla)")
+    return pattern
+
+
+def check_mesh_sizes(mesh: MeshConfig) -> None:
+    """Each mesh size is positive or -1 (fill), and at most one is -1 (the device count is
+    checked when the mesh is made: :func:`jaxlm.sharding.mesh_shape`)."""
+    sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+    named = " ".join(f"mesh.{a}={s}" for a, s in zip(("data", "fsdp", "tensor"), sizes))
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"{named}: each mesh size must be positive or -1 (fill)")
+    if sum(s == -1 for s in sizes) > 1:
+        raise ConfigError(f"{named}: at most one mesh size may be -1 (fill); give the others "
+                          "explicit sizes")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
     for key, allowed in _CHOICES.items():
@@ -427,9 +489,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}; "
             "choose n_kv_heads dividing n_heads (0 = n_heads)")
-    if m.layer_pattern and (set(m.layer_pattern) - {"L", "S"} or m.n_layers % len(m.layer_pattern)):
-        raise ConfigError(f"model.layer_pattern={m.layer_pattern!r}: use only L/S, with a length "
-                          f"that divides model.n_layers={m.n_layers}")
+    layer_pattern(m)
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}; "
@@ -453,11 +513,5 @@ def validate(cfg: Config) -> Config:
                                 or cfg.process_id >= 0):
         raise ConfigError("coordinator_address / num_processes / process_id are set but "
                           "distributed=false; add distributed=true")
-    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    named = " ".join(f"mesh.{a}={s}" for a, s in zip(("data", "fsdp", "tensor"), sizes))
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"{named}: each mesh size must be positive or -1 (fill)")
-    if sum(s == -1 for s in sizes) > 1:
-        raise ConfigError(f"{named}: at most one mesh size may be -1 (fill); give the others "
-                          "explicit sizes")
+    check_mesh_sizes(cfg.mesh)
     return cfg

@@ -4,6 +4,11 @@
     x_l = Block_l(x_{l-1}),  l = 1 … L       (pre-norm attention + SwiGLU, see layers.py)
     logits = RMSNorm(x_L) · W_head           W_head: [D_fsdp, V_tensor] (or Eᵀ when tied), float32
 
+TransNormerLLM options (Qin et al. 2023, arXiv 2307.14995, and its official model code):
+``model.embed_scale`` uses x_0 = √D · E[tokens], and ``model.final_norm_gain=False`` makes the
+final norm the gain-free SRMSNorm(x) = x / √(mean(x²) + 1e-6) (TNL §3.4), a norm with no
+parameter. Both are off for LLaMA and on in ``configs/tnl_*.yaml``.
+
 All L blocks are created at once by ``nnx.vmap`` so each parameter has a leading ``[L]`` axis
 (logical name ``layers``), and the forward pass runs them with ``jax.lax.scan``: the compiled
 program contains one block, so compile time does not grow with depth. ``model.scan_layers=False``
@@ -39,36 +44,22 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.config import ModelConfig, layer_pattern
 from jaxlm.model.dense import param
 from jaxlm.model.layers import Block, RMSNorm
-from jaxlm.model.linear import TNLBlock
+from jaxlm.model.linear import TNLBlock, srms_norm
 from jaxlm.sharding import shard
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the block
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def layer_pattern(cfg: ModelConfig) -> str:
-    """The repeating unit of layer kinds: "S" softmax, "L" ``cfg.attention`` (a linear variant).
-
-    ``model.layer_pattern=""`` means every layer is ``cfg.attention``. A pattern of length p must
-    divide n_layers; layer l has kind pattern[l % p] (e.g. "LLLS": one softmax layer every 4)."""
-    pattern = cfg.layer_pattern or ("S" if cfg.attention == "softmax" else "L")
-    if set(pattern) - {"L", "S"} or cfg.n_layers % len(pattern):
-        raise ConfigError(f"model.layer_pattern={cfg.layer_pattern!r}: use only L/S, with a length "
-                         f"that divides model.n_layers={cfg.n_layers}")
-    if "L" in pattern and cfg.attention == "softmax":
-        raise ConfigError("model.layer_pattern has L layers but model.attention=softmax; choose a "
-                         "linear variant (linear, retnet, tnl, simple_gla)")
-    return pattern
 
 
 class Unit(nnx.Module):
@@ -88,14 +79,16 @@ class Unit(nnx.Module):
         return {f"layer{j}": getattr(self, f"layer{j}").attn.init_cache(batch, max_len, dtype)
                 for j in range(len(self.pattern))}
 
-    def __call__(self, x, positions, segment_ids, cache, cache_index, unit):
+    def __call__(self, x, positions, segment_ids, cache, cache_index, unit, dropout_key=None):
         """Runs the p blocks; ``unit`` (traced) gives layer index unit·p + j to TNL blocks."""
-        new = {}
-        for j in range(len(self.pattern)):
+        new, p = {}, len(self.pattern)
+        keys = [None] * p if dropout_key is None else jax.random.split(dropout_key, p)
+        for j in range(p):
             blk, name = getattr(self, f"layer{j}"), f"layer{j}"
             c = None if cache is None else cache[name]
-            kw = {"layer": unit * len(self.pattern) + j} if isinstance(blk, TNLBlock) else {}
-            x, new[name] = blk(x, positions, segment_ids, c, cache_index, **kw)
+            kw = {"layer": unit * p + j} if isinstance(blk, TNLBlock) else {}
+            x, new[name] = blk(x, positions, segment_ids, c, cache_index, dropout_key=keys[j],
+                               **kw)
         return x, (None if cache is None else new)
 
 
@@ -122,7 +115,8 @@ class Transformer(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.n_stack = n_stack
-        self.final_norm = RMSNorm(d, cfg.norm_eps)
+        # None: the gain-free SRMSNorm of TNL (no parameter)
+        self.final_norm = RMSNorm(d, cfg.norm_eps) if cfg.final_norm_gain else None
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Module()
             self.lm_head.kernel = param(rngs, (d, v), ("embed", "vocab"), cfg.init_std)
@@ -134,47 +128,65 @@ class Transformer(nnx.Module):
         one = mod.init_cache(batch, max_len, self.dtype)
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_stack,) + x.shape), one)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None):
-        """tokens [B, T] int -> (logits [B, T, V] float32, new cache or None)."""
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None,
+                 dropout_key=None):
+        """tokens [B, T] int -> (logits [B, T, V] float32, new cache or None).
+
+        ``dropout_key`` (training only; ``model.dropout`` > 0): one key split into one per layer,
+        each block's attention-probability and residual dropout draw from it. Without it (eval,
+        sampling) nothing is dropped."""
         b, t = tokens.shape
         if positions is None:
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-        # FSDP all-gathers the table's D dim before the lookup (as for every weight); gathering
-        # straight from E[V_tensor, D_fsdp] would give x[B, T, D_fsdp], and XLA's only way to
-        # reach x[B_(data,fsdp), T, D] from there is an "involuntary full rematerialization".
-        table = shard(self.embed.embedding[...], ("vocab", None))  # [V_tensor, D]
-        x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # [B, T, D]
-        x = shard(x, ("batch", "seq", "act_embed"))
-
+        x = self.embed_tokens(tokens)  # [B, T, D]
         graphdef, stacked = nnx.split(self.blocks)
 
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.n_stack)
+
         def body(x, layer):
-            state, layer_cache, idx = layer
+            state, layer_cache, idx, key = layer
             args = (x, positions, segment_ids, layer_cache, cache_index)
             if self.pattern is not None:
                 args += (idx,)
-            y, new_cache = nnx.merge(graphdef, state)(*args)
+            y, new_cache = nnx.merge(graphdef, state)(*args, dropout_key=key)
             return y, new_cache
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
                                   prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
-            x, cache = jax.lax.scan(body, x, (stacked, cache, jnp.arange(self.n_stack)))
+            x, cache = jax.lax.scan(body, x, (stacked, cache, jnp.arange(self.n_stack), keys))
         else:
             outs = []
             for i in range(self.n_stack):
-                layer = jax.tree.map(lambda a: a[i], (stacked, cache)) + (i,)
+                layer = jax.tree.map(lambda a: a[i], (stacked, cache)) + (
+                    i, None if keys is None else keys[i])
                 x, c = body(x, layer)
                 outs.append(c)
             cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-        x = self.final_norm(x)
+        return self.head(x), cache
+
+    def embed_tokens(self, tokens):
+        """tokens [B, T] -> x_0 [B, T, D] = E[tokens] (× √D with ``model.embed_scale``)."""
+        # FSDP all-gathers the table's D dim before the lookup (as for every weight); gathering
+        # straight from E[V_tensor, D_fsdp] would give x[B, T, D_fsdp], and XLA's only way to
+        # reach x[B_(data,fsdp), T, D] from there is an "involuntary full rematerialization".
+        table = shard(self.embed.embedding[...], ("vocab", None))  # [V_tensor, D]
+        x = jnp.take(table, tokens, axis=0)  # [B, T, D] float32
+        if self.cfg.embed_scale:
+            x = x * math.sqrt(self.cfg.d_model)  # TNL: √D · E[tokens]
+        return shard(x.astype(self.dtype), ("batch", "seq", "act_embed"))
+
+    def head(self, x):
+        """x_L [B, T, D] -> logits [B, T, V] float32: final norm, then the output head."""
+        b, t = x.shape[:2]
+        x = srms_norm(x) if self.final_norm is None else self.final_norm(x)
         w = (self.embed.embedding[...].T if self.cfg.tie_embeddings
              else self.lm_head.kernel[...])  # [D, V]
         # one 2-D matmul [B*T, D] @ [D, V] (see Dense: no transposed copy of the [B*T, V]
         # logits gradient in the backward pass)
         logits = jnp.matmul(x.reshape(b * t, -1), w.astype(self.dtype),
                             preferred_element_type=jnp.float32).reshape(b, t, -1)  # [B, T, V]
-        return shard(logits, ("batch", "seq", "vocab")), cache
+        return shard(logits, ("batch", "seq", "vocab"))

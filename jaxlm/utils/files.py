@@ -58,7 +58,7 @@ def write_fix(e: BaseException) -> str:
         seen = seen.__cause__ or seen.__context__
     code = getattr(seen, "errno", None)
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return "free disk space"
+        return "free disk space or fix the directory"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "make the directory writable"
     if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EISDIR):
