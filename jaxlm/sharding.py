@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxlm.config import ConfigError, MeshConfig
+from jaxlm.config import ConfigError, MeshConfig, check_mesh_sizes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -56,10 +56,9 @@ log = logging.getLogger("jaxlm")
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     """Resolve the ``-1`` (fill) entry and check the product equals the device count."""
+    check_mesh_sizes(cfg)
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     named = " ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
-    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"{named}: sizes must be positive with at most one -1 (fill)")
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % fixed:
