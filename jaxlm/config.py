@@ -64,9 +64,12 @@ class ModelConfig:
     linear_norm: str = "head"  # output norm scope of tnl/retnet/simple_gla: head | all (TNL: all)
     tnl_decay: str = "official"  # official (ALiBi slopes x layer factor) | paper (eq. 10) | none
     tnl_lrpe: bool = True  # TNL: LRPE-d on the first layer (official "mix" setting)
+    embed_scale: bool = False  # x_0 = sqrt(d_model) * E[tokens] (TNL / fairseq); LLaMA: off
+    final_norm_gain: bool = True  # False: gain-free final SRMSNorm, eps 1e-6 (TNL); LLaMA: True
     # -- low-rank / sparse weights (jaxlm/model/lowrank.py) --
     lowrank_rank: int = 32  # r of W = s*B*A (model.weights=lowrank|sltrain), clipped to min(in, out)
-    lowrank_scale: float = 1.0  # s in W = s*B*A (the seed repo's lora_alpha / r)
+    lowrank_scale: float = 1.0  # s in W = s*B*A; the papers use lora_alpha / r (0.25 at 60M)
+    lowrank_init: str = "paper"  # paper (kaiming-uniform, the authors' code) | std_matched
     sparse_density: float = 0.03  # SLTrain: fraction delta of W's entries in the fixed sparse support
 
     @property
@@ -386,6 +389,7 @@ def replace(cfg: Config, **sections) -> Config:
 _CHOICES = {
     "model.attention": ("softmax", "linear", "retnet", "tnl", "simple_gla"),
     "model.weights": ("dense", "lowrank", "sltrain"),
+    "model.lowrank_init": ("paper", "std_matched"),
     "model.attn_impl": ("reference", "fused"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),

@@ -57,8 +57,8 @@ def _check(kind, m, lead, i, o, shape):
         assert type(m) is LowRankDense
         return {"a", "b"}
     assert type(m) is SLTrainDense
-    k = max(1, min(o, round(DENSITY * o)))  # k per row
-    assert m.values.shape == lead + (i, k)
+    nnz = int(DENSITY * i * o)  # SLTrain: int(δ·I·O) entries of each matrix
+    assert m.values.shape == lead + (nnz,) and m.support.shape == lead + (nnz,)
     return {"a", "b", "values"}
 
 

@@ -49,6 +49,7 @@ from flax import nnx
 
 from jaxlm.config import Config, ConfigError, OptimConfig, register_choice
 from jaxlm.optim.schedules import make_schedule
+from jaxlm.utils.trees import path_names
 
 OptimizerBuilder = Callable[[Config], optax.GradientTransformation]
 OPTIMIZERS: dict[str, OptimizerBuilder] = {}
@@ -112,14 +113,6 @@ def lr_at(cfg: Config, step) -> float:
     return float(learning_rate(cfg)(step))
 
 
-def _key_name(key) -> str:
-    """One path entry (DictKey, GetAttrKey, SequenceKey, flax/str keys) as a string."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _decays(names: list[str], o: OptimConfig) -> bool:
     last = names[-1] if names else ""
     if last == "bias":
@@ -138,7 +131,7 @@ def decay_mask(params: Any, optim_cfg: OptimConfig) -> Any:
     decision is made per Variable and broadcast into it, so the structure matches exactly).
     """
     def leaf(path, x):
-        decision = _decays([_key_name(k) for k in path], optim_cfg)
+        decision = _decays(path_names(path), optim_cfg)
         if isinstance(x, nnx.Variable):
             return jax.tree.map(lambda _: decision, x)
         return decision

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.optim.restarts import register_resettable
+from jaxlm.utils.trees import path_names
 
 
 class Layout(NamedTuple):
@@ -181,8 +182,7 @@ def scale_by_galore(rank: int, gap: int, scale: float = 0.25, *, b1: float = 0.9
 
     def geos(params):
         def one(path, x):
-            names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-            return _geometry(layout_fn(names, x), x.shape, rank, proj_side)
+            return _geometry(layout_fn(path_names(path), x), x.shape, rank, proj_side)
 
         return jax.tree_util.tree_map_with_path(one, params)
 
@@ -286,7 +286,7 @@ def matrix_layouts(cfg) -> dict:
     out = {}
 
     def visit(path, spec):
-        names = tuple(str(getattr(k, "key", k)) for k in path)
+        names = tuple(path_names(path))
         axes = tuple(spec)
         n_batch = len(axes) - len(tuple(a for a in axes if a != "layers"))
         rest = axes[n_batch:]

@@ -66,8 +66,8 @@ def state_entries(cfg: Config) -> tuple[int, int, int]:
     """(parameter entries, optimizer-state entries, SLTrain support indices) from shapes only.
 
     ``jax.eval_shape`` of the model init and of ``tx.init``; scalar counters count as one entry.
-    The SLTrain support is a compile-time constant (not state) but occupies memory: its I·k
-    int32 indices are reported separately.
+    The SLTrain support is a non-trainable int32 buffer of the model state (no optimizer state):
+    its int(δ·I·O) indices per matrix are reported separately.
     """
     from flax import nnx
 
@@ -79,7 +79,7 @@ def state_entries(cfg: Config) -> tuple[int, int, int]:
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     opt = jax.eval_shape(build_optimizer(cfg).init, params)
     count = lambda t: sum(math.prod(x.shape) for x in jax.tree.leaves(t))  # noqa: E731
-    support = sum(math.prod(m.values.shape) for _, m in nnx.iter_graph(model)
+    support = sum(math.prod(m.support.shape) for _, m in nnx.iter_graph(model)
                   if isinstance(m, SLTrainDense))
     return count(params), count(opt), support
 

@@ -2,8 +2,11 @@
 
     state = {"step": int32[], "params": {...}, "opt_state": optax state, "rng": key}
 
-``params`` is the pure nested dict of the NNX model's parameters (``nnx.split`` once, here); the
-loss rebuilds the module with ``nnx.merge(graphdef, params)`` inside jit. Shardings come from the
+``params`` is the pure nested dict of the NNX model's state (``nnx.split`` once, here); the
+loss rebuilds the module with ``nnx.merge(graphdef, params)`` inside jit. Non-float leaves of it
+are buffers, not parameters (SLTrain's int32 sparse support, :mod:`jaxlm.model.lowrank`): they
+are saved and restored with the rest, but :func:`split_buffers` keeps them out of the gradient
+and of the optimizer state. Shardings come from the
 parameters' logical names through :data:`jaxlm.sharding.RULES`; optimizer moments take the sharding
 of the parameter they belong to (``optax.tree_map_params``), per-parameter leaves of another shape
 (low-rank moments, projectors) follow :func:`lowrank_sharding`, other leaves are replicated.
@@ -80,6 +83,40 @@ def _opt_leaf_sharding(leaf, param, param_sharding):
     return param_sharding if leaf.shape == param.shape else lowrank_sharding(leaf, param_sharding)
 
 
+def _is_buffer(leaf) -> bool:
+    return not jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def _split(tree, like):
+    if not isinstance(like, dict):
+        return (None, tree) if _is_buffer(like) else (tree, None)
+    parts = {k: _split(tree[k], like[k]) for k in like}
+    keep = lambda x: x is not None and not (isinstance(x, dict) and not x)  # noqa: E731
+    return ({k: t for k, (t, _) in parts.items() if keep(t)},
+            {k: b for k, (_, b) in parts.items() if keep(b)})
+
+
+def split_buffers(params, like=None):
+    """(trainable, buffers): the float leaves of a nested params dict and the others, as two
+    nested dicts (keys with no leaf of a kind dropped). ``like`` (same layout, default
+    ``params``) supplies the dtypes, e.g. abstract params for a tree of shardings. Without
+    buffers (every model but SLTrain) ``trainable`` is ``params`` itself."""
+    like = params if like is None else like
+    if not any(_is_buffer(x) for x in jax.tree.leaves(like)):
+        return params, {}
+    return _split(params, like)
+
+
+def merge_buffers(trainable, buffers):
+    """Inverse of :func:`split_buffers`: one nested dict with the leaves of both."""
+    if not isinstance(buffers, dict):
+        return buffers  # a buffer leaf
+    out = dict(trainable) if isinstance(trainable, dict) else {}
+    for k, b in buffers.items():
+        out[k] = merge_buffers(out.get(k, {}), b)
+    return out if buffers else trainable
+
+
 def _make_params(model_cfg, seed: int):
     return nnx.to_pure_dict(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))[1])
 
@@ -103,9 +140,10 @@ class StateSpec:
         logical = nnx.to_pure_dict(nnx.get_partition_spec(abs_state))
         abs_params = nnx.to_pure_dict(abs_state)
         param_sh = tree_shardings(logical, abs_params, mesh)
-        abs_opt = jax.eval_shape(tx.init, abs_params)
+        abs_train, train_sh = split_buffers(abs_params)[0], split_buffers(param_sh, abs_params)[0]
+        abs_opt = jax.eval_shape(tx.init, abs_train)
         opt_sh = optax.tree_map_params(
-            tx, _opt_leaf_sharding, abs_opt, abs_params, param_sh,
+            tx, _opt_leaf_sharding, abs_opt, abs_train, train_sh,
             transform_non_params=lambda _: replicated(mesh), is_leaf=_is_masked)
         rep = replicated(mesh)
         abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abs_params,
@@ -120,7 +158,8 @@ class StateSpec:
         def init():
             params = _make_params(model_cfg, seed)
             return {"step": jnp.zeros((), jnp.int32), "params": params,
-                    "opt_state": tx.init(params), "rng": jax.random.PRNGKey(seed)}
+                    "opt_state": tx.init(split_buffers(params)[0]),
+                    "rng": jax.random.PRNGKey(seed)}
 
         with jax.set_mesh(self.mesh):
             return jax.jit(init, out_shardings=self.shardings)()
@@ -135,4 +174,5 @@ class StateSpec:
         return nnx.merge(self.graphdef, params)
 
     def param_count(self) -> int:
-        return sum(x.size for x in jax.tree.leaves(self.abstract["params"]))
+        """Trainable parameters (buffers such as SLTrain's support not counted)."""
+        return sum(x.size for x in jax.tree.leaves(split_buffers(self.abstract["params"])[0]))

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
+from jaxlm.utils.trees import leaf_bytes
 
 
 def _layer_matmul_params(m: ModelConfig) -> int:
@@ -100,11 +101,10 @@ class StateBytes(NamedTuple):
 
 def _leaf_bytes(leaf, n_shards_fn: Callable[[Any], int] | None) -> tuple[int, int]:
     """(global bytes, bytes of one shard) of an array / ShapeDtypeStruct leaf."""
-    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
-    if shape is None or dtype is None:
-        return 0, 0  # non-array leaves (python scalars, None) are ignored
-    itemsize = jnp.dtype(dtype).itemsize
-    nbytes = math.prod(shape) * itemsize
+    nbytes = leaf_bytes(leaf)  # 0 for non-array leaves (python scalars, None)
+    if not nbytes:
+        return 0, 0
+    shape, itemsize = leaf.shape, jnp.dtype(leaf.dtype).itemsize
     if n_shards_fn is not None:
         return nbytes, -(-nbytes // max(int(n_shards_fn(leaf)), 1))
     sharding = getattr(leaf, "sharding", None)

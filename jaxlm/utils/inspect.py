@@ -24,13 +24,14 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
 from typing import Any, Callable
 
 import numpy as np
+
+from jaxlm.utils.trees import leaves_with_names, tree_bytes  # noqa: F401  (tree_bytes: re-export)
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -65,21 +66,6 @@ def read_metrics(path: str) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def _leaves_with_paths(tree):
-    import jax
-
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
-
-
-def tree_bytes(tree) -> int:
-    """Global bytes of all array leaves (arrays or ``jax.ShapeDtypeStruct``), shardings ignored."""
-    total = 0
-    for _, x in _leaves_with_paths(tree):
-        if hasattr(x, "shape") and hasattr(x, "dtype"):
-            total += math.prod(x.shape) * np.dtype(x.dtype).itemsize
-    return total
-
-
 def bytes_per_device(tree) -> dict[int, int]:
     """``{device id: bytes}`` that each device actually holds of a pytree of ``jax.Array``.
 
@@ -87,7 +73,7 @@ def bytes_per_device(tree) -> dict[int, int]:
     in full on every device, a leaf sharded n ways counts 1/n of its bytes on each.
     """
     out: dict[int, int] = {}
-    for _, x in _leaves_with_paths(tree):
+    for _, x in leaves_with_names(tree):
         for s in getattr(x, "addressable_shards", ()):
             out[s.device.id] = out.get(s.device.id, 0) + int(s.data.nbytes)
     return dict(sorted(out.items()))
@@ -99,14 +85,12 @@ def sharding_table(tree, max_rows: int = 0) -> str:
     Leaves may be ``jax.Array`` or ``ShapeDtypeStruct`` with a ``NamedSharding``; a leaf without
     a sharding shows ``-``. ``max_rows`` > 0 truncates the table.
     """
-    import jax
-
     rows = [("path", "shape", "spec", "per-device shard")]
-    for path, x in _leaves_with_paths(tree):
+    for name, x in leaves_with_names(tree):
         sh = getattr(x, "sharding", None)
         spec = getattr(sh, "spec", None)
         shard = sh.shard_shape(tuple(x.shape)) if sh is not None else None
-        rows.append((jax.tree_util.keystr(path), str(tuple(x.shape)),
+        rows.append((name, str(tuple(x.shape)),
                      "-" if spec is None else str(tuple(spec)),
                      "-" if shard is None else str(tuple(shard))))
     body = rows[1:]
