@@ -145,10 +145,13 @@ class MetricWriter:
         self._bar.update(max(int(step) - self._bar.n, 0))
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-        if self._tb is not None:
-            self._tb.flush()
+        try:
+            if self._file is not None:
+                self._file.flush()
+            if self._tb is not None:
+                self._tb.flush()
+        except OSError as e:
+            raise self._error(e) from None
 
     def close(self) -> None:
         """Flush and close everything; safe to call twice."""
