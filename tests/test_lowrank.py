@@ -186,9 +186,13 @@ def test_memory_accounting_matches_the_papers_formulas():
     L, r = 2, 4
     rest = 257 * 32 + (2 * L + 1) * 32  # embedding (tied head) + norms
     full = L * sum(a * b for a, b in mats)
-    # scalar counters: adam + schedule (adamw); + galore + its schedule (galore)
-    assert p_full == full + rest and o_full == 2 * (full + rest) + 2  # + adam count
+    # scalar counters: build_optimizer's update count + adam + schedule (adamw); + galore + its
+    # schedule (galore)
+    assert p_full == full + rest and o_full == 2 * (full + rest) + 3
     galore = L * sum(min(a, b) * r + 2 * r * max(a, b) + 1 for a, b in mats)  # + fira norm
-    assert p_gal == p_full and o_gal == galore + 2 * rest + 4
+    assert p_gal == p_full and o_gal == galore + 2 * rest + 5
     lowrank = L * sum((a + b) * r for a, b in mats)
-    assert p_lr == lowrank + rest and o_lr == 2 * (lowrank + rest) + 2
+    assert p_lr == lowrank + rest and o_lr == 2 * (lowrank + rest) + 3
+    p_sl, o_sl, idx = state_entries(method_config(cfg, "sltrain"))  # + int(δ·m·n) values, δ 0.03
+    nnz = L * sum(int(0.03 * a * b) for a, b in mats)
+    assert p_sl == lowrank + nnz + rest and o_sl == 2 * p_sl + 3 and idx == nnz
