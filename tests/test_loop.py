@@ -83,3 +83,42 @@ def test_step_that_cannot_fit_is_one_line_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"needs .*TiB per device .* lower train.batch_size"):
         run(cfg)
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "1"))
+
+
+def test_first_signal_checkpoints_second_aborts():
+    import signal
+
+    from jaxlm.train.signals import StopFlag
+
+    with StopFlag() as stop:
+        # before a step is done there is nothing to save: the default action (end at once)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        stop.step_done()
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert not stop.should_stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+        assert stop.should_stop(1) and stop.signum == signal.SIGTERM
+        # armed: a second signal would end the process at once, even inside a compile
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_first_compile_ends_at_once(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "jaxlm.cli", "train", TINY, f"out_dir={tmp_path}",
+           "model.n_layers=8", "model.scan_layers=false", "model.remat=full"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if "compiling the train step" in line:
+            break
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGINT and time.time() - t0 < 5
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
