@@ -6,7 +6,7 @@ Each is ``main(argv) -> exit code`` around a plain function that notebooks call 
 
     jaxlm-train [CONFIG.yaml|PRESET] [section.key=value ...]   # no args: the shakespeare preset
     jaxlm-sample --ckpt OUT_DIR --prompt "ROMEO:" [--temperature 0.8 --top-k 40 --top-p 0.95]
-    jaxlm-eval --ckpt OUT_DIR --data FILE
+    jaxlm-eval --ckpt OUT_DIR --data FILE|shakespeare
     python -m jaxlm.cli {train,sample,eval} ...
 """
 
@@ -106,18 +106,22 @@ def _sample(argv) -> int:
 def _eval(argv) -> int:
     p = _Parser(prog="jaxlm-eval", description="Evaluate a checkpoint on a file.")
     p.add_argument("--ckpt", required=True, help="the out_dir of a training run")
-    p.add_argument("--data", required=True, help="a UTF-8 text file")
+    p.add_argument("--data", required=True,
+                   help="a UTF-8 text file or a bundled corpus (shakespeare, wikitext2)")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole file")
     a = p.parse_args(argv)
     if a.batch_size < 0 or a.max_batches < 0:
         raise ConfigError(f"jaxlm-eval: --batch-size {a.batch_size} and --max-batches "
                           f"{a.max_batches} must be >= 0 (0 = default / the whole file)")
-    if not os.path.isfile(a.data):  # fail before loading the checkpoint
+    from jaxlm.config import resolve_data_path
+
+    data = resolve_data_path(a.data, "jaxlm-eval: --data")
+    if not os.path.isfile(data):  # fail before loading the checkpoint
         raise ConfigError(f"jaxlm-eval: --data {a.data} is not a file (pass a UTF-8 text file)")
     from jaxlm.eval import evaluate_file
 
-    r = evaluate_file(a.ckpt, a.data, batch_size=a.batch_size, max_batches=a.max_batches)
+    r = evaluate_file(a.ckpt, data, batch_size=a.batch_size, max_batches=a.max_batches)
     print(f"tokens={r['tokens']}")
     print(f"loss={r['loss']:.4f} ppl={r['ppl']:.3f} bpb={r['bpb']:.4f}")
     return 0

@@ -362,6 +362,26 @@ def resolve_config_path(name_or_path: str) -> str:
     return path
 
 
+# Bundled corpora by name, so data.path / data.val_path / jaxlm-eval --data work from any directory.
+CORPORA = {"shakespeare": DEFAULT_CORPUS,
+           "wikitext2": os.path.join(ASSETS, "wikitext-2", "valid.txt")}
+
+
+def resolve_data_path(name_or_path: str, what: str = "data.path") -> str:
+    """A file path as given, or the bundled corpus of that name (``shakespeare``, ``wikitext2``).
+
+    An existing file wins over a name; a bare word (no ``/``, no ``.``) that is neither is a
+    ConfigError listing the names. Other paths are returned for the reader to report."""
+    if (not name_or_path or os.path.exists(name_or_path)
+            or any(c in name_or_path for c in ("/", ".", os.sep))):
+        return name_or_path
+    if name_or_path in CORPORA:
+        return CORPORA[name_or_path]
+    raise ConfigError(f"{what}: {name_or_path!r} is neither a file nor a bundled corpus"
+                      f"{_suggest(name_or_path, CORPORA)} (bundled: {', '.join(CORPORA)}); pass "
+                      "the path of a text file or a bundled name")
+
+
 def from_dict(data: dict) -> Config:
     return validate(_build(Config, data))
 

@@ -50,7 +50,7 @@ import tempfile
 
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, resolve_data_path
 from jaxlm.data.pipeline import read_text
 from jaxlm.data.tokenizer import Tokenizer
 
@@ -170,7 +170,9 @@ def default_cache_dir() -> str:
 def load_corpus(path: str, tokenizer: Tokenizer, *, fmt: str = "auto", separator: str = "\n\n",
                 text_field: str = "text", cache_dir: str = "", tokenizer_path: str = "",
                 what: str = "data.path") -> TokenCorpus:
-    """Tokenize ``path`` once (cached) and memory-map it. See the module docstring."""
+    """Tokenize ``path`` (or a bundled corpus name) once (cached) and memory-map it. See the
+    module docstring."""
+    path = resolve_data_path(path, what)
     fmt = resolve_format(path, fmt)
     if os.path.isdir(path):
         raise ConfigError(f"{what}: {path} is a directory (point {what} at a corpus file)")

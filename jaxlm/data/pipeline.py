@@ -45,7 +45,8 @@ from typing import Callable, Protocol
 import grain
 import numpy as np
 
-from jaxlm.config import DEFAULT_CORPUS, ConfigError, DataConfig, register_choice
+from jaxlm.config import (DEFAULT_CORPUS, ConfigError, DataConfig, register_choice,
+                          resolve_data_path)
 from jaxlm.data.tokenizer import Tokenizer, get_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask", "target_bytes")
@@ -68,7 +69,9 @@ class DataSource(Protocol):
 
 
 def read_text(path: str, what: str = "data.path") -> str:
-    """Read a UTF-8 text file; missing / empty / undecodable -> one-line ConfigError."""
+    """Read a UTF-8 text file (or a bundled corpus by name: ``shakespeare``); missing / empty /
+    undecodable -> one-line ConfigError."""
+    path = resolve_data_path(path, what)
     if os.path.isdir(path):
         raise ConfigError(f"{what}: {path} is a directory (point {what} at a UTF-8 text file)")
     if not os.path.isfile(path):
