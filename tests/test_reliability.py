@@ -263,3 +263,19 @@ def test_config_path_with_equals_sign(tmp_path):
     assert split_train_args(["out_dir=/tmp/x.yaml"]) == (None, ["out_dir=/tmp/x.yaml"])
     assert split_train_args(["tiny", "seed=1"]) == ("tiny", ["seed=1"])
     assert load_config(*split_train_args([str(path), "train.steps=3"])).train.steps == 3
+
+
+# -- config values that used to be misread ----------------------------------------------------
+
+def test_override_values_are_not_dropped_or_misread():
+    from jaxlm.config import parse_overrides
+
+    # a later section override merges into the earlier keys instead of replacing them
+    assert parse_overrides(["train.steps=3", "train={lr: 1}"]) == {"train": {"steps": 3, "lr": 1}}
+    # a file name with bytes that are not UTF-8 (surrogate-escaped argv) is taken verbatim
+    name = b"/data/\xff.txt".decode("utf-8", "surrogateescape")
+    assert parse_overrides([f"data.path={name}"]) == {"data": {"path": name}}
+    # the shell expands ~ in out_dir=~/x but not in data.path=~/x
+    cfg = load_config(TINY, ["data.path=~/corpus.txt", "out_dir=~/run"])
+    home = os.path.expanduser("~")
+    assert (cfg.data.path, cfg.out_dir) == (f"{home}/corpus.txt", f"{home}/run")
