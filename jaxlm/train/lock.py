@@ -1,9 +1,10 @@
 """One writer per ``out_dir``: an OS-level lock on ``<out_dir>/.lock`` held for the run's lifetime.
 
 Two ``jaxlm-train`` processes on one ``out_dir`` would interleave ``metrics.jsonl``, overwrite
-each other's checkpoints and leave half-written steps behind. :func:`acquire_run_lock` takes an
-exclusive ``fcntl.flock`` on ``<out_dir>/.lock`` and keeps the file open until :meth:`RunLock.release`
-(or the process ends); a second process gets one ConfigError line naming the holder::
+each other's checkpoints and leave half-written steps behind. :func:`acquire_run_lock` takes
+an exclusive ``fcntl.flock`` on ``<out_dir>/.lock`` and keeps the file open until
+:meth:`RunLock.release` (or the process ends); a second process gets one ConfigError line naming
+the holder::
 
     out_dir out/run is in use by another jaxlm-train (pid 4242 on host-a, started at
     2026-11-30 04:40:12 UTC); wait for it to finish, or use another out_dir
@@ -21,8 +22,8 @@ Shared filesystems (what is and is not guaranteed):
 * NFS (v4, or v3 with a working lock daemon): Linux implements flock there as a whole-file POSIX
   lock on the server, so it excludes processes on other clients too. If the holder's *machine*
   dies (not just the process), the server frees the lock only when the client's lease expires
-  (NFSv4: typically 90 s), so the next run may be refused for that long. With ``nolock`` / ``local_lock``
-  mounts the lock only covers one machine.
+  (NFSv4: typically 90 s), so the next run may be refused for that long. With ``nolock`` /
+  ``local_lock`` mounts the lock only covers one machine.
 * gcsfuse and other object-store FUSE mounts, and Lustre mounted with ``localflock``: the lock is
   local to the machine that mounts it. Two runs on different machines pointing at one bucket path
   are NOT excluded; give each run its own out_dir there.
@@ -81,7 +82,10 @@ class RunLock:
         self.release()
 
     def __del__(self):  # a forgotten handle (e.g. a notebook cell that raised) still unlocks
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; the kernel unlocks anyway
+            pass
 
 
 def _holder(fd: int) -> str:
