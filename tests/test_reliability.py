@@ -280,3 +280,12 @@ def test_override_values_are_not_dropped_or_misread():
     cfg = load_config(TINY, ["data.path=~/corpus.txt", "out_dir=~/run"])
     home = os.path.expanduser("~")
     assert (cfg.data.path, cfg.out_dir) == (f"{home}/corpus.txt", f"{home}/run")
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    """`jaxlm-train --help | head -1`: the reader is gone before the command writes."""
+    p = subprocess.Popen([sys.executable, "-m", "jaxlm.cli", "train", "--help"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # long before the interpreter has started and printed
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err
