@@ -32,6 +32,10 @@ fan-in n (gain √(2/(1+5)) = 1/√3 times the bound √(3/n)):
   lowrank a, b ~ N(0, std/(s√R)) so that s·a b has the per-entry std of the ``Dense`` it
   replaces and ‖a‖ ≈ ‖b‖; sltrain a ~ N(0, 1/I), b = 0, values ~ N(0, std²).
 
+``paper`` is the default because the seed paper's tables are what this path reproduces; pair it
+with the scripts' s = α/r. With s = 1 the kaiming product s·B·A starts ≈ 2× larger than a
+``Dense`` of std 0.02 at I = 64 (std 1/(3√I)), which trains slower on small models.
+
 The SLTrain support is drawn **per matrix and per layer**, as the authors' ``randperm`` does:
 the first int(δ·I·O) entries of a random permutation of the I·O flat (row-major) indices, sorted
 (uniform over all entries, not row-balanced). It is stored in the model state as a
