@@ -50,8 +50,10 @@ from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data import make_data_source
 from jaxlm.optim import build_optimizer
 from jaxlm.sharding import host_to_global, make_mesh
-from jaxlm.train.checkpoint import Checkpointer, check_compatible, is_primary, reason
+from jaxlm.train.checkpoint import Checkpointer, is_primary, reason
+from jaxlm.train.compat import check_compatible, describe_changes
 from jaxlm.train.compiled import CompiledSteps
+from jaxlm.train.lock import acquire_run_lock
 from jaxlm.train.log_window import LogWindow
 from jaxlm.train.signals import StopFlag
 from jaxlm.train.state import StateSpec, resolve_vocab
@@ -145,14 +147,15 @@ def describe(cfg: Config, mesh, spec: StateSpec) -> None:
         log.info("params+optimizer state by method (from shapes): %s", method_memory(cfg))
 
 
-def open_out_dir(cfg: Config) -> Checkpointer:
-    """Create ``out_dir`` and its checkpoint manager (a one-line error if it is unusable)."""
+@contextlib.contextmanager
+def own_out_dir(cfg: Config):
+    """Create ``out_dir``, hold its one-writer lock (jaxlm/train/lock.py: a second jaxlm-train on
+    it is a one-line error) and open its checkpoint manager for the duration of the run."""
+    lock = acquire_run_lock(cfg.out_dir, primary=is_primary())
     try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create out_dir {cfg.out_dir}: {reason(e)}; choose a writable "
-                          "out_dir") from None
-    return Checkpointer(cfg.out_dir, cfg.ckpt)
+        yield Checkpointer(cfg.out_dir, cfg.ckpt)
+    finally:
+        lock.release()
 
 
 def restore_or_init(cfg: Config, spec: StateSpec, ckpt: Checkpointer, train_iter):
@@ -160,7 +163,9 @@ def restore_or_init(cfg: Config, spec: StateSpec, ckpt: Checkpointer, train_iter
     position) or a fresh state; ``metrics.jsonl`` is cut back to that step and the resolved
     config written next to it."""
     def target(saved: Config) -> dict:
-        check_compatible(saved, cfg)
+        check_compatible(saved, cfg)  # a one-line error naming what differs and what to do
+        for change in describe_changes(saved, cfg):  # differs, but resumes fine
+            log.info("resuming with a changed setting: %s", change)
         return spec.abstract_with_shardings()
 
     found = ckpt.restore_latest(target, train_iter, quarantine=True)
@@ -270,8 +275,13 @@ def run(cfg: Config) -> dict:
                  "step compiles once per shape", len(shapes), shapes)
     spec = StateSpec.build(cfg, mesh, build_optimizer(cfg))
     describe(cfg, mesh, spec)
+    with own_out_dir(cfg) as ckpt:
+        return train(cfg, spec, data, ckpt)
 
-    ckpt = open_out_dir(cfg)
+
+def train(cfg: Config, spec: StateSpec, data, ckpt: Checkpointer) -> dict:
+    """Restore or init, then step until ``train.stop_at`` / ``train.steps`` or a signal."""
+    mesh = spec.mesh
     train_iter = data.train_iterator(batch_size=cfg.train.batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count(), seed=cfg.seed)

@@ -10,6 +10,11 @@ so accumulating A micro-batches gives exactly the gradient of the full batch. Mi
 rows a, a+A, a+2A, … so every device contributes equally to every micro-batch (no resharding).
 Metrics stay on device; the loop fetches them every ``log_every`` steps (no per-step host sync).
 
+Dropout (``model.dropout`` > 0) draws its masks from ``fold_in(state["rng"], step)`` (and the
+micro-batch index): the rng itself never changes, so a resumed run draws exactly the masks of an
+uninterrupted one, and ``model.dropout=0`` never touches it (the step is the one without dropout).
+The logged ``lr`` is the one the update applied (:func:`jaxlm.optim.applied_lr`).
+
 Non-finite guard (``train.nonfinite``): a device-side flag ``finite = isfinite(loss) and every
 gradient entry is finite`` selects, with ``jnp.where``, between the updated and the old params and
 optimizer state, so a step with a NaN/inf loss or gradient leaves both unchanged — whatever the
@@ -37,10 +42,11 @@ from jaxlm.sharding import batch_sharding, host_to_global, replicated, shard
 from jaxlm.train.state import StateSpec, merge_buffers, split_buffers
 
 
-def loss_fn(spec: StateSpec, params, batch, denom, z_loss: float = 0.0):
+def loss_fn(spec: StateSpec, params, batch, denom, z_loss: float = 0.0, dropout_key=None):
     """Summed masked NLL (+ z-loss) of one (micro-)batch divided by ``denom`` tokens."""
     model = spec.model(params)
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                      dropout_key=dropout_key)
     nll, lse = ops.token_nll(logits, batch["targets"])  # [B, T] each, float32
     mask = batch["loss_mask"].astype(jnp.float32)
     nll_sum = (nll * mask).sum()
@@ -66,18 +72,22 @@ def train_step(spec: StateSpec, state, batch):
     params, buffers = split_buffers(state["params"])  # buffers: no gradient, no optimizer
     denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
     grad_fn = jax.value_and_grad(
-        lambda p, b: loss_fn(spec, merge_buffers(p, buffers), b, denom, z_loss), has_aux=True)
+        lambda p, b, key: loss_fn(spec, merge_buffers(p, buffers), b, denom, z_loss, key),
+        has_aux=True)
+    # dropout: a key per step (and micro-batch) from the state's fixed rng, so resume is exact
+    key = jax.random.fold_in(state["rng"], state["step"]) if cfg.model.dropout else None
     if accum == 1:
-        (loss, nll_sum), grads = grad_fn(params, batch)
+        (loss, nll_sum), grads = grad_fn(params, batch, key)
     else:
-        def micro(carry, mb):
-            g_acc, l_acc, n_acc = carry
-            (l, n), g = grad_fn(params, mb)
+        def micro(carry, xs):
+            (g_acc, l_acc, n_acc), (mb, a) = carry, xs
+            (l, n), g = grad_fn(params, mb, None if key is None else jax.random.fold_in(key, a))
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grads, loss, nll_sum), _ = jax.lax.scan(
-            micro, (zeros, jnp.zeros(()), jnp.zeros(())), _microbatches(batch, accum))
+            micro, (zeros, jnp.zeros(()), jnp.zeros(())),
+            (_microbatches(batch, accum), jnp.arange(accum)))
     updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
     finite = jnp.isfinite(loss) & all_finite(grads)
     keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
