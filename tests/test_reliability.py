@@ -289,3 +289,16 @@ def test_output_into_a_closed_pipe_is_not_a_traceback():
     p.stdout.close()  # long before the interpreter has started and printed
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and err == "", err
+
+
+# -- 12. jaxlm-eval on short files --------------------------------------------------------------
+
+def test_eval_scores_a_short_file_with_a_shorter_window_and_a_huge_batch(trained, tmp_path):
+    from jaxlm.eval import evaluate_file
+
+    path = tmp_path / "short.txt"
+    path.write_text("To be.\n")  # 7 byte tokens: no window of the trained 64
+    with pytest.raises(ConfigError, match="score shorter windows with --seq-len 6"):
+        evaluate_file(trained, str(path))
+    r = evaluate_file(trained, str(path), seq_len=6, batch_size=10**9)  # batch clamped to the file
+    assert r["tokens"] == 6 and r["loss"] > 0
