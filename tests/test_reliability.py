@@ -302,3 +302,17 @@ def test_eval_scores_a_short_file_with_a_shorter_window_and_a_huge_batch(trained
         evaluate_file(trained, str(path))
     r = evaluate_file(trained, str(path), seq_len=6, batch_size=10**9)  # batch clamped to the file
     assert r["tokens"] == 6 and r["loss"] > 0
+
+
+# -- 3. duplicate YAML keys ----------------------------------------------------------------------
+
+def test_yaml_duplicates_are_refused_anywhere_but_merges_are_fine():
+    from jaxlm.utils.strict_yaml import yaml_load
+
+    with pytest.raises(ConfigError, match=r"^x.yaml: duplicate key 'steps' at line 1 \(first at "
+                       r"line 1\)"):
+        yaml_load("train: {steps: 5, steps: 6}\n", "x.yaml")
+    with pytest.raises(ConfigError, match="duplicate key 'b' at line 4 .first at line 3."):
+        yaml_load("a:\n  x:\n    b: 1\n    b: 2\n", "x.yaml")
+    assert yaml_load("base: &b {steps: 5}\ntrain:\n  <<: *b\n  lr: 1.0\n") == \
+        {"base": {"steps": 5}, "train": {"steps": 5, "lr": 1.0}}
