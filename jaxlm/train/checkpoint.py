@@ -254,7 +254,8 @@ class Checkpointer:
         state = restored["state"]
         expected = (self.manager.metadata(step).custom_metadata or {}).get("checksums")
         if not expected:
-            raise Damaged("no checksums in its metadata")
+            raise Damaged("no checksums in its metadata: damaged, or saved by a jaxlm older than "
+                          "checksums")
         got = _checksums(state)
         bad = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
         if bad:
