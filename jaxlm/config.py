@@ -68,7 +68,7 @@ class ModelConfig:
     final_norm_gain: bool = True  # False: gain-free final SRMSNorm, eps 1e-6 (TNL); LLaMA: True
     # -- low-rank / sparse weights (jaxlm/model/lowrank.py) --
     lowrank_rank: int = 32  # r of W = s*B*A (model.weights=lowrank|sltrain), clipped to min(in, out)
-    lowrank_scale: float = 1.0  # s in W = s*B*A; the papers use lora_alpha / r (0.25 at 60M)
+    lowrank_scale: float = 0.25  # s in W = s*B*A: the papers' lora_alpha / r (0.25 at 60M)
     lowrank_init: str = "paper"  # paper (kaiming-uniform, the authors' code) | std_matched
     sparse_density: float = 0.03  # SLTrain: fraction delta of W's entries in the fixed sparse support
 

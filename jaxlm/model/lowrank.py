@@ -20,7 +20,7 @@ W = s·B·A with no full W ever stored. In jaxlm's ``[in, out]`` layout::
 
 ``model.lowrank_scale`` is s, the multiplier of the product B·A. The papers' scripts set it to
 lora_alpha / r: 32/128 = 0.25 at 60M (seed repo and SLTrain), SLTrain 16/256, 16/256, 8/512 at
-130M/350M/1B; the default 1.0 leaves the product unscaled.
+130M/350M/1B; the default is the 60M value, 0.25.
 
 Init (``model.lowrank_init``), with U(±1/√n) = torch's ``kaiming_uniform_(a=√5)`` for a weight of
 fan-in n (gain √(2/(1+5)) = 1/√3 times the bound √(3/n)):
