@@ -53,6 +53,10 @@ def test_second_writer_in_this_process_is_refused_until_release(tmp_path):
     with acquire_run_lock(out, primary=True) as again:
         assert again.held
     assert acquire_run_lock(out, primary=False).held is False  # other hosts never lock
+    os.mkdir(tmp_path / "odd")
+    os.mkdir(tmp_path / "odd" / ".lock")
+    with pytest.raises(ConfigError, match=r"cannot open the run lock .*odd/.lock: Is a directory"):
+        acquire_run_lock(str(tmp_path / "odd"), primary=True)
 
 
 HOLDER = """

@@ -111,10 +111,14 @@ def acquire_run_lock(out_dir: str, *, primary: bool | None = None) -> RunLock:
         return RunLock(path, None)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise ConfigError(f"cannot create out_dir {out_dir}: {e.strerror}; choose a writable "
                           "out_dir") from None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise ConfigError(f"cannot open the run lock {path}: {e.strerror}; make out_dir writable "
+                          f"(and {LOCK_NAME} a plain file), or choose another out_dir") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
