@@ -320,3 +320,18 @@ def test_yaml_duplicates_are_refused_anywhere_but_merges_are_fine():
         yaml_load("a:\n  x:\n    b: 1\n    b: 2\n", "x.yaml")
     assert yaml_load("base: &b {steps: 5}\ntrain:\n  <<: *b\n  lr: 1.0\n") == \
         {"base": {"steps": 5}, "train": {"steps": 5, "lr": 1.0}}
+
+
+def test_no_finished_checkpoint_says_what_is_there(trained, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained, out)
+    ckpt_dir = os.path.join(out, "checkpoints")
+    os.rename(os.path.join(ckpt_dir, "1"), os.path.join(ckpt_dir, "1.orbax-checkpoint-tmp"))
+    os.rename(os.path.join(ckpt_dir, "2"), os.path.join(ckpt_dir, "2.corrupt"))
+    with pytest.raises(ConfigError, match=r"no finished checkpoint in .* \(only damaged steps "
+                       r"moved aside by training \(2.corrupt\)\); train first"):
+        load_trained(out)
+    os.rename(os.path.join(ckpt_dir, "2.corrupt"), os.path.join(ckpt_dir, "2.orbax-checkpoint-tmp"))
+    with pytest.raises(ConfigError, match=r"\(only unfinished saves \(1.orbax-checkpoint-tmp, "
+                       r"2.orbax-checkpoint-tmp\)\)"):
+        load_trained(out)

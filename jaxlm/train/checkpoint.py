@@ -379,6 +379,12 @@ def load_trained(out_dir: str):
     finally:
         ckpt.close()
     if found is None:
-        raise ConfigError(f"no finished checkpoint in {ckpt_dir}; train first")
+        names = sorted(os.listdir(ckpt_dir))
+        aside = [n for n in names if CORRUPT_SUFFIX in n]
+        unfinished = [n for n in names if TMP_MARKER in n]
+        what = (f"only damaged steps moved aside by training ({', '.join(aside)})" if aside else
+                f"only unfinished saves ({', '.join(unfinished)})" if unfinished else "none")
+        raise ConfigError(f"no finished checkpoint in {ckpt_dir} ({what}); train first "
+                          "(a rerun of jaxlm-train resumes or restarts there)")
     cfg, spec = built["last"]
     return cfg, spec, found.state["params"]
