@@ -335,3 +335,17 @@ def test_no_finished_checkpoint_says_what_is_there(trained, tmp_path):
     with pytest.raises(ConfigError, match=r"\(only unfinished saves \(1.orbax-checkpoint-tmp, "
                        r"2.orbax-checkpoint-tmp\)\)"):
         load_trained(out)
+
+
+def test_missing_tokenizer_of_a_checkpoint_is_described_as_such(tmp_path):
+    from jaxlm.train.checkpoint import trained_tokenizer
+
+    gone = str(tmp_path / "gone.model")
+    cfg = load_config(TINY, ["data.tokenizer=sentencepiece", f"data.tokenizer_path={gone}"])
+    with pytest.raises(ConfigError) as e:
+        trained_tokenizer(cfg, "/runs/a")
+    assert str(e.value) == (
+        f"the tokenizer this checkpoint was trained with cannot be loaded (sentencepiece "
+        f"tokenizer: model file not found: {gone}); it is data.tokenizer_path='{gone}' in "
+        "/runs/a/config.yaml: put that file back (a relative path is relative to where training "
+        "ran)")

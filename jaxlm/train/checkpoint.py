@@ -60,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import signal
 import tempfile
 from typing import Callable, NamedTuple
@@ -388,3 +389,19 @@ def load_trained(out_dir: str):
                           "(a rerun of jaxlm-train resumes or restarts there)")
     cfg, spec = built["last"]
     return cfg, spec, found.state["params"]
+
+
+def trained_tokenizer(cfg: Config, out_dir: str):
+    """The tokenizer ``cfg`` (a checkpoint's config) was trained with. If its file is gone, say so
+    in terms of the checkpoint: ``jaxlm-sample``/``jaxlm-eval`` have no data.tokenizer_path to set."""
+    from jaxlm.data.tokenizer import get_tokenizer
+
+    try:
+        return get_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+    except ConfigError as e:
+        why = re.sub(r"\s*\([^()]*data\.tokenizer_path[^()]*\)$", "", str(e))
+        raise ConfigError(
+            f"the tokenizer this checkpoint was trained with cannot be loaded ({why}); it is "
+            f"data.tokenizer_path={cfg.data.tokenizer_path!r} in "
+            f"{os.path.join(out_dir, 'config.yaml')}: put that file back (a relative path is "
+            "relative to where training ran)") from None
