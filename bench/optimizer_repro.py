@@ -31,8 +31,8 @@ One line per run::
     opt_repro arm=main method=adamw lr=0.003 seed=0 steps=1250 val_bpb=... train_loss=...
 
 ``--report`` prints the per-method table (mean ± half-range over seeds at the best LR, the
-train–val gap in bpb), ``adamw_margin_over_seed_spread=`` ((best other method's mean bpb − AdamW's)
-/ the largest seed spread; > 1 means the ordering is outside seed noise) and
+train–val gap in bpb), ``adamw_margin_over_seed_spread=`` ((best other method's mean bpb
+− AdamW's) / the largest seed spread; > 1 means the ordering is outside seed noise) and
 ``restarts_minus_plain_lowrank=`` (mean bpb difference; negative = restarts help).
 """
 

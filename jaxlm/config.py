@@ -91,7 +91,9 @@ class DataConfig:
     min_bucket: int = 256  # dd: smallest bucket; buckets are 2^k from here up to data.seq_len
     buckets: str = ""  # dd: explicit comma-separated powers of two (overrides min_bucket)
     curriculum: str = "grow_p2"  # dd: uniform | grow_p2 | grow_linear (odds per bucket)
-    cycles: int = 8  # dd: curriculum cycles per epoch (paper's winner: Grow-P2 x 8)
+    cycles: int = 8  # dd: curriculum cycles per training run (train.steps) (paper: Grow-P2 x 8)
+    curriculum_weights: str = "paper"  # dd: paper (Algorithm 1: odds o_i) | repo (o_i x tokens)
+    dd_overflow: str = "random"  # dd: random (repo default, P(L) ∝ 1/L) | greedy (max pieces)
     pack_bins: int = 0  # pack: first-fit packing bins (0 = the local batch size)
     path: str = ""  # a text file; "" = the bundled tinyshakespeare
     val_path: str = ""  # separate validation file; "" = split off val_fraction of `path`
@@ -415,6 +417,8 @@ _CHOICES = {
     "model.remat": ("none", "full", "save_dots"),
     "data.tokenizer": ("byte", "gpt2", "sentencepiece"),
     "data.mode": ("concat", "pack", "dd"),
+    "data.curriculum_weights": ("paper", "repo"),
+    "data.dd_overflow": ("random", "greedy"),
     "train.schedule": ("cosine", "wsd", "constant"),
     "optim.name": ("adamw", "galore", "fira", "lowrank", "sltrain"),
 }

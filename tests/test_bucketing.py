@@ -11,7 +11,7 @@ import pytest
 
 from jaxlm.config import ConfigError, DataConfig
 from jaxlm.data import decompose, make_data_source
-from jaxlm.data.bucketing import curriculum_odds, curriculum_schedule, piece_table
+from jaxlm.data.bucketing import curriculum_odds, curriculum_schedule, cycle_quota, piece_table
 
 L, B = 64, 2  # largest bucket, batch_size -> 128 tokens per step; buckets 8, 16, 32, 64
 TOK = B * L
@@ -77,12 +77,12 @@ def test_curricula():
     odds = curriculum_odds("grow_p2", 4)
     assert odds.tolist() == [8, 4, 2, 1] and curriculum_odds("uniform", 3).tolist() == [1, 1, 1]
     assert curriculum_odds("grow_linear", 3).tolist() == [3, 2, 1]
-    s = curriculum_schedule(batches, odds, 2, rng)
+    s = curriculum_schedule(cycle_quota(batches, 2), odds, rng)
     assert np.bincount(s).tolist() == [40, 40, 40, 40]
     for half in (s[:80], s[80:]):  # each cycle holds half of every bucket, short ones early
         assert np.bincount(half).tolist() == [20, 20, 20, 20]
         assert half[:40].mean() < half[40:].mean() - 0.8
-    u = curriculum_schedule(batches, curriculum_odds("uniform", 4), 1, rng)
+    u = curriculum_schedule(cycle_quota(batches, 1), curriculum_odds("uniform", 4), rng)
     assert abs(u[:80].mean() - u[80:].mean()) < 0.6  # no trend
     with pytest.raises(ConfigError, match="data.curriculum='shrink'"):
         curriculum_odds("shrink", 3)

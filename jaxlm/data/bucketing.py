@@ -5,10 +5,15 @@ Curriculum" (NeurIPS'24).
 
 **Decomposition (§2.1).** A document of n tokens (its end-of-text included) is cut into adjacent
 pieces by the binary decomposition of n, largest first: n = 2^{i1} + 2^{i2} + …, piece lengths
-2^{i1} > 2^{i2} > …; each piece goes to bucket D_i of sequences of length 2^i. A part longer than
-the largest bucket is cut into largest-bucket pieces first; pieces shorter than the smallest bucket
-are dropped (counted). With a general set of power-of-two buckets this is "take the largest bucket
-that fits, repeat" (:func:`decompose`). Each piece becomes one training row: targets = the piece,
+2^{i1} > 2^{i2} > …; each piece goes to bucket D_i of sequences of length 2^i. While at least
+twice the largest bucket is left (a part the largest bucket cannot hold in one binary digit), the
+next piece's length is drawn with P(2^k) ∝ 2^(max-k) (``data.dd_overflow=random``, the default of
+the official repo's ``get_binary(..., randomize=True)``: every bucket gets the same expected share
+of the overflow tokens; drawn from a fixed seed, so the table is identical in every process and
+after a restart) or is a largest-bucket piece (``greedy``, the repo's ``randomize=False``). Pieces
+shorter than the smallest bucket are dropped (counted). With a general set of power-of-two buckets
+the binary part is "take the largest bucket that fits, repeat" (:func:`decompose`). Each piece
+becomes one training row: targets = the piece,
 inputs = the piece shifted right by one token (the first input is the end-of-text that precedes
 the document, or the piece's previous token in the same document), so **every token of every
 document is a target in exactly one row** and no row crosses a document (no attention mask needed;
@@ -19,12 +24,20 @@ of b / 2^i rows of length 2^i, where b = ``train.batch_size × data.seq_len`` to
 the same tokens (and loss denominator), short buckets cost less attention (cost ∝ b·(c_mlp +
 2^i·c_attn)). The train step compiles once per bucket shape [b/2^i, 2^i]: at most len(buckets).
 
-**Curriculum (§3.3, Algorithm 1 in App. B.2).** Each bucket's batches of an epoch are split into c
-equal parts (``data.cycles``); in cycle j, while any part is non-empty, bucket i is drawn with
-probability ∝ o_i · n_{i,j} over non-empty parts (n_{i,j} = its batches in the cycle), and its next
-batch taken without replacement. Weighting the odds o_i by n_{i,j} is the official repo's mixture
-(``get_dd_params.py``); with equal-size buckets, as in the paper's ablation (Table 2), it is
-exactly Algorithm 1. Odds, shortest bucket first (``data.curriculum``):
+**Curriculum (§3.3, Algorithm 1 in App. B.2).** The training run (``train.steps``, passed by the
+loop as ``total_steps``) is split into c cycles (``data.cycles``), as in the repo (one OpenLM
+"epoch" = 1/c of the token budget); each cycle's steps are shared among the buckets in proportion
+to their size (:func:`cycle_quota`), repeating a bucket's data if the run is longer than the
+data. In cycle j, while any bucket has batches left, bucket i is drawn with probability
+∝ w_i over those buckets and its next batch used (:func:`curriculum_schedule`):
+
+    data.curriculum_weights=paper   w_i = o_i                (Algorithm 1 as printed)
+    data.curriculum_weights=repo    w_i = o_i · tokens_i,j   (get_dd_params.py: odds × tokens)
+
+With equal buckets (the paper's Table 2 ablation: 2^34 tokens each) the two coincide; with the
+natural, unequal mix, ``paper`` drains the short buckets early in every cycle and ends each cycle
+on the long ones, while ``repo`` keeps a big bucket in play all cycle. Odds, shortest bucket
+first (``data.curriculum``):
 
     uniform       o_i = 1                 (a random order of all batches)
     grow_p2       o_i = 2^(K-1-i)         (paper's winner with 8 cycles: 32 16 8 4 2 1 for K=6)
@@ -48,7 +61,7 @@ Example::
     from jaxlm.data import make_data_source
     src = make_data_source(DataConfig(mode="dd", seq_len=512, min_bucket=64,
                                       cache_dir="/tmp/jaxlm_cache"))
-    it = src.train_iterator(batch_size=4, seed=0)   # 2048 tokens per step
+    it = src.train_iterator(batch_size=4, seed=0, total_steps=1000)  # 2048 tokens/step
     next(it)["inputs"].shape                        # e.g. (32, 64), then (8, 256), …
 """
 
@@ -77,37 +90,79 @@ def _check_buckets(bucket_lengths) -> list[int]:
     return b
 
 
-def decompose(n_tokens: int, bucket_lengths) -> list[int]:
+def overflow_probs(buckets) -> np.ndarray:
+    """P(piece length = L) for a document part longer than the largest bucket (randomized rule).
+
+    The repo's ``get_binary(..., randomize=True)``: P(2^k) ∝ 2^(max-k), i.e. ∝ 1/L, so every
+    bucket receives the same expected number of overflow tokens. Buckets sorted shortest first.
+    """
+    inv = 1.0 / np.asarray(_check_buckets(buckets), float)
+    return inv / inv.sum()
+
+
+def decompose(n_tokens: int, bucket_lengths, rng: np.random.Generator | None = None) -> list[int]:
     """Piece lengths, in document order, that a document of ``n_tokens`` tokens is cut into.
 
-    Binary decomposition, largest first; parts above the largest bucket are cut into largest-bucket
-    pieces; a remainder shorter than the smallest bucket is dropped (not returned). Example:
+    While at least twice the largest bucket is left (the repo's k > max), the next piece is drawn
+    with :func:`overflow_probs` if ``rng`` is given (``data.dd_overflow=random``), else it is a
+    largest-bucket piece (``greedy``, the repo's ``randomize=False``). The rest is the binary
+    decomposition, largest first; a remainder shorter than the smallest bucket is dropped. Example:
     ``decompose(1000, [256, 512, 1024]) == [512, 256]`` (232 tokens dropped).
     """
     buckets = _check_buckets(bucket_lengths)
     out, rem = [], int(n_tokens)
+    if rng is not None:
+        p = overflow_probs(buckets)
+        while rem >= 2 * buckets[-1]:
+            out.append(buckets[int(rng.choice(len(buckets), p=p))])
+            rem -= out[-1]
     for L in reversed(buckets):
         c, rem = divmod(rem, L)
         out += [L] * c
     return out
 
 
-def piece_table(corpus: TokenCorpus, buckets) -> tuple[dict[int, np.ndarray], int]:
+def _random_overflow(cursor, rem, buckets, rng) -> dict[int, list[np.ndarray]]:
+    """Cut randomized pieces off every document while rem >= 2 * max bucket; in place."""
+    p, Lmax = overflow_probs(buckets), buckets[-1]
+    lens = np.asarray(buckets, np.int64)
+    out: dict[int, list[np.ndarray]] = {L: [] for L in buckets}
+    live = np.flatnonzero(rem >= 2 * Lmax)
+    while len(live):  # one piece per live document per round, in document order
+        take = lens[rng.choice(len(lens), size=len(live), p=p)]  # [live]
+        for L in buckets:
+            out[L].append(cursor[live[take == L]])
+        cursor[live] += take
+        rem[live] -= take
+        live = live[rem[live] >= 2 * Lmax]
+    return out
+
+
+def piece_table(corpus: TokenCorpus, buckets, overflow: str = "greedy",
+                seed: int = 0) -> tuple[dict[int, np.ndarray], int]:
     """Decompose every document at once: ({L: target start of each piece [n_L]}, dropped tokens).
 
-    Vectorised form of :func:`decompose`: going from the largest bucket down, each document
-    takes ``rem // L`` pieces at its cursor; the pieces keep document order inside each document.
+    Vectorised form of :func:`decompose` (``overflow="random"`` draws the overflow pieces from
+    ``np.random.default_rng([seed, 0xDD])``, so the table is the same in every process and after a
+    restart). Starts are sorted, i.e. in corpus order.
     """
+    buckets = _check_buckets(buckets)
     cursor = corpus.offsets[:-1].astype(np.int64).copy()  # [D] next uncut token of each doc
     rem = np.diff(corpus.offsets).astype(np.int64)  # [D] tokens left (EOT included)
-    out = {}
-    for L in reversed(_check_buckets(buckets)):
+    parts: dict[int, list[np.ndarray]] = {L: [] for L in buckets}
+    if overflow == "random":
+        parts = _random_overflow(cursor, rem, buckets, np.random.default_rng([seed, 0xDD]))
+    elif overflow != "greedy":
+        raise ConfigError(f"data.dd_overflow={overflow!r} is not one of: random, greedy")
+    for L in reversed(buckets):
         c = rem // L
         doc = np.repeat(np.arange(len(c)), c)  # [n_L]
         k = np.arange(len(doc)) - np.repeat(np.cumsum(c) - c, c)  # piece index within the doc
-        out[L] = cursor[doc] + k * L
+        parts[L].append(cursor[doc] + k * L)
         cursor += c * L
         rem -= c * L
+    out = {L: np.sort(np.concatenate(parts[L])) if parts[L] else np.zeros(0, np.int64)
+           for L in buckets}
     return out, int(rem.sum())
 
 
@@ -123,17 +178,47 @@ def curriculum_odds(name: str, n_buckets: int) -> np.ndarray:
     raise ConfigError(f"data.curriculum={name!r} is not one of: {', '.join(CURRICULA)}")
 
 
-def curriculum_schedule(batches: np.ndarray, odds: np.ndarray, cycles: int,
-                        rng: np.random.Generator) -> np.ndarray:
-    """One epoch of Algorithm 1: the bucket index of every step, [sum(batches)] int.
+def cycle_quota(batches, cycles: int, total_steps: int = 0) -> np.ndarray:
+    """Batches of each bucket in each cycle, [cycles, K] int: the s_{i,j} of Algorithm 1.
 
-    ``batches[i]`` = batches of bucket i this epoch, split into ``cycles`` near-equal parts.
+    ``total_steps`` > 0 (the run length, ``train.steps``): the cycles span the training run, as in
+    the repo (``get_dd_params.py``: cycle = 1/c of the token budget): cycle j has
+    S(j+1)//c - Sj//c steps, shared among the buckets in proportion to their batches per pass
+    (largest remainder), reading each bucket's stream on (repeating it if the run is longer than
+    the data). ``total_steps`` = 0: the cycles split one pass over the data (every bucket's batches
+    into c near-equal parts).
     """
-    batches = np.asarray(batches, np.int64)
-    out = []
+    n = np.asarray(batches, np.int64)
+    if total_steps <= 0:
+        return np.stack([n * (j + 1) // cycles - n * j // cycles for j in range(cycles)])
+    out, given = [], np.zeros(len(n), np.int64)
     for j in range(cycles):
-        part = batches * (j + 1) // cycles - batches * j // cycles  # [K] this cycle's batches
-        w = odds * part  # repo mixture weights (= Algorithm 1's odds for equal buckets)
+        steps = total_steps * (j + 1) // cycles - total_steps * j // cycles
+        owed = total_steps * (j + 1) // cycles * n / n.sum() - given  # ideal so far - given
+        q = np.maximum(np.floor(owed), 0).astype(np.int64)
+        extra = np.argsort(-(owed - q), kind="stable")[:steps - int(q.sum())]
+        q[extra] += 1  # largest remainder on what is owed: every bucket stays within 1 of ideal
+        given += q
+        out.append(q)
+    return np.stack(out)
+
+
+def curriculum_schedule(quota: np.ndarray, odds: np.ndarray, rng: np.random.Generator,
+                        weights: str = "paper") -> np.ndarray:
+    """Algorithm 1 (App. B.2): the bucket index of every step, [quota.sum()] int.
+
+    ``quota[j, i]`` = batches of bucket i in cycle j. Within cycle j, while any bucket has batches
+    left, bucket i is drawn with probability ∝ w_i over the buckets with batches left, and one of
+    its batches is used. ``weights="paper"``: w_i = o_i (Algorithm 1). ``weights="repo"``:
+    w_i = o_i × (tokens of bucket i in the cycle) — the official repo's mixture weights
+    (``get_dd_params.py``: odds × tokens needed per bucket), fixed for the cycle; every batch holds
+    the same tokens, so this is o_i × quota[j, i]. The two coincide when the buckets are equal.
+    """
+    if weights not in ("paper", "repo"):
+        raise ConfigError(f"data.curriculum_weights={weights!r} is not one of: paper, repo")
+    out = []
+    for part in np.asarray(quota, np.int64):
+        w = odds * part if weights == "repo" else np.asarray(odds, float)
         left = part.copy()
         for u in rng.random(int(part.sum())).tolist():
             live = np.where(left > 0, w, 0.0)
@@ -147,24 +232,30 @@ def curriculum_schedule(batches: np.ndarray, odds: np.ndarray, cycles: int,
 
 
 class CurriculumMap(grain.transforms.DatasetSelectionMap):
-    """Step -> (bucket, index of that bucket's next global batch); infinite, epoch after epoch.
+    """Step -> (bucket, index of that bucket's next global batch); infinite, period after period.
 
-    Deterministic given (seed, epoch), so every process computes the same map. The latest epoch's
-    schedule is cached.
+    A period is the training run (``total_steps`` > 0) or one pass over the data (0), holding
+    ``cycles`` cycles (:func:`cycle_quota`); period e's schedule comes from
+    ``default_rng([seed, e, 0xDD])``, so every process computes the same map and a restored
+    iterator continues exactly. The latest period's schedule is cached.
     """
 
-    def __init__(self, batches, odds, cycles: int, seed: int):
-        self.batches = np.asarray(batches, np.int64)  # [K] batches per bucket per epoch
+    def __init__(self, batches, odds, cycles: int, seed: int, total_steps: int = 0,
+                 weights: str = "paper"):
+        self.batches = np.asarray(batches, np.int64)  # [K] batches per bucket per pass
+        self.quota = cycle_quota(self.batches, cycles, total_steps)  # [c, K]
+        self.per_period = self.quota.sum(0)  # [K] batches of each bucket per period
         self.odds, self.cycles, self.seed = np.asarray(odds, float), cycles, seed
-        self.epoch_len = int(self.batches.sum())
+        self.weights = weights
+        self.epoch_len = int(self.quota.sum())  # steps per period
         self._cache: tuple = (-1, None, None)
 
     def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(bucket of each step [E], rank of the step within its bucket this epoch [E])."""
+        """(bucket of each step [E], rank of the step within its bucket this period [E])."""
         cache = self._cache  # one read: grain's reader threads may swap it concurrently
         if cache[0] != e:
             rng = np.random.default_rng([self.seed, e, 0xDD])
-            sched = curriculum_schedule(self.batches, self.odds, self.cycles, rng)
+            sched = curriculum_schedule(self.quota, self.odds, rng, self.weights)
             rank = np.zeros_like(sched)
             for i in range(len(self.batches)):
                 m = sched == i
@@ -179,7 +270,7 @@ class CurriculumMap(grain.transforms.DatasetSelectionMap):
         e, j = divmod(int(index), self.epoch_len)
         sched, rank = self.epoch(e)
         k = int(sched[j])
-        return k, e * int(self.batches[k]) + int(rank[j])
+        return k, e * int(self.per_period[k]) + int(rank[j])
 
 
 class LoadRows:
@@ -237,16 +328,22 @@ class DDDataSource(HeldOut):
         self.odds = curriculum_odds(cfg.curriculum, len(self.buckets))
         if cfg.cycles <= 0:
             raise ConfigError(f"data.cycles={cfg.cycles} must be positive")
+        if cfg.curriculum_weights not in ("paper", "repo"):
+            raise ConfigError(f"data.curriculum_weights={cfg.curriculum_weights!r} is not one "
+                              "of: paper, repo")
         train, val = load_splits(cfg, self.tokenizer)
         self.train = train
-        self.pieces, dropped = piece_table(train, self.buckets)
+        self.pieces, dropped = piece_table(train, self.buckets, cfg.dd_overflow)
         total = int(np.diff(train.offsets).sum())
         self.stats = dict(train.stats, train_docs=train.n_docs, val_docs=val.n_docs,
                           train_tokens=total, dropped_tokens=dropped,
-                          pieces={L: len(v) for L, v in self.pieces.items()})
-        log.info("dd: %d docs, %d tokens -> pieces per bucket %s; %d tokens (%.2f%%) dropped "
-                 "(shorter than the smallest bucket %d)", train.n_docs, total,
-                 self.stats["pieces"], dropped, 100 * dropped / max(total, 1), self.buckets[0])
+                          pieces={L: len(v) for L, v in self.pieces.items()},
+                          token_share={L: len(v) * L / max(total, 1)
+                                       for L, v in self.pieces.items()})
+        log.info("dd: %d docs, %d tokens -> pieces per bucket %s (overflow %s); %d tokens "
+                 "(%.2f%%) dropped (shorter than the smallest bucket %d)", train.n_docs, total,
+                 self.stats["pieces"], cfg.dd_overflow, dropped, 100 * dropped / max(total, 1),
+                 self.buckets[0])
         self.val_rows = PackedEvalRows(val, cfg.seq_len, self.tokenizer.token_bytes)
 
     def rows_per_batch(self, batch_size: int) -> dict[int, int]:
@@ -257,8 +354,12 @@ class DDDataSource(HeldOut):
         """The global [rows, L] shapes a train batch can have (one compile each)."""
         return [(r, L) for L, r in self.rows_per_batch(batch_size).items()]
 
+    wants_total_steps = True  # the loop passes total_steps=train.steps (cycles span the run)
+
     def train_iterator(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                       seed: int = 0) -> grain.DatasetIterator:
+                       seed: int = 0, total_steps: int = 0) -> grain.DatasetIterator:
+        """``total_steps``: the run length the curriculum's cycles span (0 = one pass over the
+        data per set of cycles); see :func:`cycle_quota`."""
         local_batch_size(batch_size, process_count)
         if not 0 <= process_index < process_count:
             raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
@@ -282,7 +383,8 @@ class DDDataSource(HeldOut):
             raise ConfigError(f"dd: the train split is too small for one batch of "
                               f"{batch_size * self.cfg.seq_len} tokens in any bucket "
                               f"{self.buckets}; use more data or a smaller train.batch_size")
-        schedule = CurriculumMap(batches, self.odds, self.cfg.cycles, seed)
+        schedule = CurriculumMap(batches, self.odds, self.cfg.cycles, seed, total_steps,
+                                 self.cfg.curriculum_weights)
         self.schedule = schedule
         ds = grain.MapDataset.select_from_datasets(datasets, schedule)
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

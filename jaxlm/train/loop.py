@@ -284,7 +284,9 @@ def train(cfg: Config, spec: StateSpec, data, ckpt: Checkpointer) -> dict:
     mesh = spec.mesh
     train_iter = data.train_iterator(batch_size=cfg.train.batch_size,
                                      process_index=jax.process_index(),
-                                     process_count=jax.process_count(), seed=cfg.seed)
+                                     process_count=jax.process_count(), seed=cfg.seed,
+                                     **({"total_steps": cfg.train.steps}  # dd: cycles span the run
+                                        if getattr(data, "wants_total_steps", False) else {}))
     state, latest = restore_or_init(cfg, spec, ckpt, train_iter)
     start = int(jax.device_get(state["step"]))
     end = cfg.train.stop_at or cfg.train.steps
