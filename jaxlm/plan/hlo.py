@@ -1,0 +1,350 @@
+"""Read a compiled (optimized, SPMD-partitioned) HLO module: FLOPs, bytes and collectives.
+
+XLA's ``cost_analysis()`` counts the body of a ``while`` loop once, and jaxlm scans its layers
+(``model.scan_layers``), so for a scanned model it reports about one layer's worth of work. This
+module walks the module's call graph instead and weights every instruction by how often it runs:
+
+    runs(C) = Σ over call sites of C:  runs(caller) × (trip count if C is a while body, else 1)
+
+with the trip count XLA itself wrote into the while's ``backend_config`` (``known_trip_count``).
+On that weighting, per chip (the HLO is one partition's program):
+
+* ``dot`` FLOPs  = 2 × prod(output dims) × prod(lhs contracting dims)  (multiply-add = 2 FLOPs);
+  ``convolution`` (TPU HLO writes batched matmuls as windowed convolutions) = 2 × batch × output
+  features × input features × the kernel taps that land on real input (not padding or dilation
+  holes), as XLA's cost analysis counts them.
+* HBM bytes ≈ Σ over instructions outside fusions (fusion = one kernel): operand + result bytes.
+  Shape plumbing (parameter, tuple, get-tuple-element, bitcast, constant, while, call) is free.
+* collectives: all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute (and their
+  async ``-start`` halves, counted once) with the bytes of the full buffer (the gathered output,
+  the un-scattered input, the reduced operand) and the mesh axes their replica groups span.
+
+Replica groups come in three textual forms, all decoded into explicit groups of logical device
+indices (= positions in ``mesh.devices.flat``): explicit ``{{0,1},{2,3}}``; iota
+``[G,S]<=[dims]T(perm)`` (iota(prod dims) reshaped to dims, transposed by perm, reshaped to
+[G, S]); and the newer ``mesh['axis_0'=a,...] {'axis_k',...}`` with an optional
+``device_ids=([dims]T(perm))`` (the device iota, optionally permuted, reshaped to the listed axis
+sizes; a group = the devices that differ only along the named axes). A group's mesh axes are the
+jaxlm mesh axes whose coordinate varies inside it. An unknown form gives ``mesh_axes=["?"]``.
+
+Example::
+
+    from jaxlm.plan.hlo import analyze
+    a = analyze(compiled.as_text(), {"data": 1, "fsdp": 4, "tensor": 1})
+    a.flops, a.bytes_accessed, [(c.op, c.mesh_axes, c.bytes, c.count) for c in a.collectives]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+COLLECTIVE_OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                  "collective-permute")
+_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16,
+         "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64,
+         "c64": 64, "c128": 128, "f8e4m3fn": 8, "f8e5m2": 8, "f8e4m3fnuz": 8, "f8e5m2fnuz": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_BITS) + r")\[([\d,]*)\]")
+_FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "call",
+         "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "iota",
+         "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done",
+         "copy-done", "send-done", "recv-done"}
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str  # result shape text (an array or a tuple)
+    op: str
+    operands: list
+    attrs: str
+    raw: str = ""  # the text inside the parentheses (a constant's value)
+
+
+@dataclasses.dataclass
+class Collective:
+    op: str  # all-gather | reduce-scatter | all-reduce | all-to-all | collective-permute
+    mesh_axes: list  # jaxlm mesh axes the replica groups span (["?"] if undecoded)
+    bytes: int  # per chip per occurrence: the full (un-sharded within the group) buffer
+    group_size: int
+    count: int  # occurrences per step (loop trip counts applied)
+
+
+@dataclasses.dataclass
+class HloSummary:
+    flops: float  # per chip per step, dots + convolutions, trip counts applied
+    bytes_accessed: float  # per chip per step, estimate (see module docstring)
+    collectives: list  # of Collective, aggregated by (op, mesh_axes, bytes, group_size)
+    unknown_trip_counts: int  # while loops without known_trip_count (counted once)
+
+
+def shape_bytes(shape: str) -> list[int]:
+    """Bytes of each array in a shape text (one entry for an array, several for a tuple)."""
+    out = []
+    for dtype, dims in _ARRAY.findall(shape):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        out.append(n * _BITS[dtype] // 8)
+    return out
+
+
+def _dims(shape: str) -> list[int]:
+    m = _ARRAY.search(shape)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _split_top(text: str, open_c: str = "(", close_c: str = ")") -> tuple[str, str]:
+    """(inside, rest) of ``text`` which starts with ``open_c``: balanced-bracket split."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += c in "({[" and 1 or 0
+        depth -= c in ")}]" and 1 or 0
+        if depth == 0:
+            return text[1:i], text[i + 1:]
+    return text[1:], ""
+
+
+def parse_instr(line: str) -> Instr | None:
+    line = line.strip()
+    if line.startswith("ROOT "):
+        line = line[5:]
+    m = re.match(r"%?([\w.\-]+)\s*=\s*", line)
+    if not m:
+        return None
+    rest = line[m.end():]
+    if rest.startswith("("):
+        inner, rest = _split_top(rest)
+        shape = "(" + inner + ")"
+    else:
+        shape, _, rest = rest.partition(" ")
+    rest = rest.lstrip()
+    om = re.match(r"([\w\-]+)\(", rest)
+    if not om:
+        return None
+    operands, attrs = _split_top(rest[om.end() - 1:])
+    names = re.findall(r"%([\w.\-]+)", operands)
+    return Instr(m.group(1), shape, om.group(1), names, attrs, operands)
+
+
+def parse_module(text: str) -> tuple[dict, str]:
+    """{computation name: [Instr]}, name of the ENTRY computation."""
+    comps: dict[str, list] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        h = _HEADER.match(line)
+        if h:
+            current = h.group(2)
+            comps[current] = []
+            entry = current if h.group(1) else entry
+            continue
+        if line.startswith("}"):
+            current = None
+        elif current is not None:
+            ins = parse_instr(line)
+            if ins is not None:
+                comps[current].append(ins)
+    return comps, entry
+
+
+def _callees(ins: Instr) -> list[tuple[str, str]]:
+    """(kind, computation) pairs an instruction calls: body, condition, calls, to_apply, ..."""
+    out = []
+    for kind, names in re.findall(
+            r"\b(body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)",
+            ins.attrs):
+        out += [(kind, n) for n in re.findall(r"%?([\w.\-]+)", names)]
+    return out
+
+
+def trip_count(ins: Instr, comps: dict) -> int | None:
+    """XLA's ``known_trip_count`` of a while; else (TPU HLO omits it) the bound N of a
+    condition ``i < N`` against a constant (jax's scan/fori loops count from 0 by 1)."""
+    m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', ins.attrs)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", ins.attrs)
+    instrs = comps.get(cond.group(1), []) if cond else []
+    consts = {i.name: i.raw for i in instrs if i.op == "constant"}
+    for i in instrs:
+        if i.op == "compare" and "direction=LT" in i.attrs and len(i.operands) == 2 \
+                and i.operands[1] in consts and consts[i.operands[1]].strip().isdigit():
+            return int(consts[i.operands[1]])
+    return None
+
+
+def run_counts(comps: dict, entry: str) -> tuple[dict, set, int]:
+    """(runs per computation, names of fused computations, while loops of unknown trip count)."""
+    runs: dict[str, float] = {entry: 1.0}
+    fused: set[str] = set()
+    unknown = 0
+    order = [entry]
+    for comp in order:  # breadth-first; HLO call graphs are DAGs, each callee visited once
+        for ins in comps.get(comp, []):
+            trips = trip_count(ins, comps) if ins.op == "while" else None
+            if ins.op == "while" and trips is None:
+                unknown += 1
+            for kind, callee in _callees(ins):
+                if callee not in comps:
+                    continue
+                mult = (trips or 1) if kind == "body" else 1
+                if ins.op == "fusion" or kind == "to_apply":
+                    fused.add(callee)
+                if callee not in runs:
+                    order.append(callee)
+                runs[callee] = runs.get(callee, 0.0) + runs[comp] * mult
+    return runs, fused, unknown
+
+
+def _dot_flops(ins: Instr, table: dict) -> float:
+    if ins.op == "convolution":
+        return _conv_flops(ins, table)
+    out = math.prod(_dims(ins.shape))
+    lhs = _dims(table.get(ins.operands[0], "")) if ins.operands else []
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
+    k = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i) if m and lhs else 1
+    return 2.0 * out * k
+
+
+def _window(attrs: str, n_spatial: int) -> list[dict]:
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(re.findall(r"(\w+)=([\w_]+)", m.group(1))) if m else {}
+
+    def per_dim(key, default):
+        vals = fields.get(key, "").split("x") if key in fields else [default] * n_spatial
+        return vals + [default] * (n_spatial - len(vals))
+
+    pads = [p.split("_") for p in per_dim("pad", "0_0")]
+    return [{"size": int(a), "stride": int(b), "lhs_dilate": int(c), "pad_lo": int(p[0])}
+            for a, b, c, p in zip(per_dim("size", "1"), per_dim("stride", "1"),
+                                  per_dim("lhs_dilate", "1"), pads)]
+
+
+def _conv_flops(ins: Instr, table: dict) -> float:
+    """2 × batch × out features × in features × valid kernel taps (padding and lhs-dilation
+    holes excluded), the way XLA's cost analysis counts a convolution; TPU HLO writes many
+    batched matmuls as convolutions with windows."""
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+    if not m or len(ins.operands) < 2:
+        return 0.0
+    ll, rl, ol = m.groups()
+    lhs, rhs, out = (_dims(table.get(ins.operands[0], "")), _dims(table.get(ins.operands[1], "")),
+                     _dims(ins.shape))
+    if not (lhs and rhs and out):
+        return 0.0
+    spatial = sorted(c for c in ol if c.isdigit())
+    taps = 1
+    for d, w in zip(spatial, _window(ins.attrs, len(spatial))):
+        n, o, dl = lhs[ll.index(d)], out[ol.index(d)], w["lhs_dilate"]
+        extent = (n - 1) * dl
+        taps *= sum(1 for j in range(o) for t in range(w["size"])
+                    if 0 <= (x := j * w["stride"] + t - w["pad_lo"]) <= extent and x % dl == 0)
+    return 2.0 * out[ol.index("b")] * out[ol.index("f")] * rhs[rl.index("i")] * taps
+
+
+def decode_groups(attrs: str) -> list[list[int]] | None:
+    """Replica groups of a collective as lists of logical device indices (None if unknown)."""
+    m = re.search(r"replica_groups=(\{.*?\}\})", attrs)
+    if m:
+        return [[int(x) for x in g.split(",") if x.strip()]
+                for g in re.findall(r"\{([\d,\s]*)\}", m.group(1)[1:-1])]
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if m:
+        ids = _iota(m.group(3), m.group(4))
+        return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]"
+                  r"(?:,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?\s*\{([^}]*)\}", attrs)
+    if m:
+        axes = re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))
+        names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
+        n = math.prod(sizes)
+        ids = _iota(m.group(2), m.group(3)) if m.group(2) else np.arange(n)
+        grid = ids.reshape(sizes)
+        group_axes = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4))]
+        if any(":" in a for a in m.group(4).split(",")):  # sub-axis syntax: not decoded
+            return None
+        rest = [i for i in range(len(sizes)) if i not in group_axes]
+        grid = np.transpose(grid, rest + group_axes)
+        size = math.prod(sizes[i] for i in group_axes)
+        return grid.reshape(-1, size).tolist()
+    if re.search(r"replica_groups=\{\}", attrs):
+        return []  # all devices in one group
+    return None
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    shape = [int(d) for d in dims.split(",")]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    if perm:
+        ids = np.transpose(ids, [int(p) for p in perm.split(",")])
+    return ids.reshape(-1)
+
+
+def group_axes(groups, mesh_shape: dict) -> tuple[list[str], int]:
+    """(mesh axes varying inside the first group, group size) for logical device groups."""
+    names, sizes = list(mesh_shape), list(mesh_shape.values())
+    n = math.prod(sizes)
+    if groups == []:
+        groups = [list(range(n))]
+    if not groups or not groups[0]:
+        return ["?"], 0
+    coords = np.array(np.unravel_index(np.asarray(groups[0]), sizes)).T  # [group, n_axes]
+    varying = [names[i] for i in range(len(names)) if len(set(coords[:, i])) > 1]
+    return varying, len(groups[0])
+
+
+def _collective_bytes(ins: Instr, op: str, group: int) -> int:
+    sizes = shape_bytes(ins.shape)
+    if ins.op.endswith("-start") and len(sizes) > 1:
+        if op == "collective-permute":
+            sizes = sizes[:1]  # (input, output, contexts...): one buffer moves
+        elif op == "all-gather":
+            sizes = sizes[len(sizes) // 2:]  # (inputs..., outputs...)
+    total = sum(sizes)
+    return total * group if op == "reduce-scatter" else total
+
+
+def _permute_axes(attrs: str, mesh_shape: dict) -> tuple[list[str], int]:
+    pairs = re.findall(r"\{(\d+),(\d+)\}", attrs.split("source_target_pairs=", 1)[-1])
+    if not pairs:
+        return ["?"], 0
+    sizes = list(mesh_shape.values())
+    varying = set()
+    for a, b in pairs:
+        ca, cb = np.unravel_index(int(a), sizes), np.unravel_index(int(b), sizes)
+        varying |= {i for i in range(len(sizes)) if ca[i] != cb[i]}
+    return [list(mesh_shape)[i] for i in sorted(varying)], 2
+
+
+def analyze(text: str, mesh_shape: dict) -> HloSummary:
+    """FLOPs, bytes and collectives per chip per step of one compiled HLO module (docstring)."""
+    comps, entry = parse_module(text)
+    runs, fused, unknown = run_counts(comps, entry)
+    flops = bytes_accessed = 0.0
+    agg: dict[tuple, int] = {}
+    for comp, instrs in comps.items():
+        r = runs.get(comp, 0.0)
+        if not r:
+            continue
+        table = {i.name: i.shape for i in instrs}
+        for ins in instrs:
+            if ins.op in ("dot", "convolution"):
+                flops += r * _dot_flops(ins, table)
+            if comp not in fused and ins.op not in _FREE:
+                operand_bytes = sum(sum(shape_bytes(table.get(o, ""))) for o in ins.operands)
+                bytes_accessed += r * (sum(shape_bytes(ins.shape)) + operand_bytes)
+            op = ins.op[:-6] if ins.op.endswith("-start") else ins.op
+            if op not in COLLECTIVE_OPS:
+                continue
+            if op == "collective-permute":
+                axes, group = _permute_axes(ins.attrs, mesh_shape)
+            else:
+                groups = decode_groups(ins.attrs)
+                axes, group = (["?"], 0) if groups is None else group_axes(groups, mesh_shape)
+            key = (op, tuple(axes), _collective_bytes(ins, op, max(group, 1)), group)
+            agg[key] = agg.get(key, 0) + int(round(r))
+    colls = [Collective(op, list(axes), b, g, c) for (op, axes, b, g), c in agg.items()]
+    colls.sort(key=lambda c: (c.op, c.mesh_axes, -c.bytes))
+    return HloSummary(flops, bytes_accessed, colls, unknown)
