@@ -7,20 +7,28 @@ context length changes), same tokens per step b = ``--tokens`` (concat: [b/T, T]
 for every bucket 2^i in [256, T]). Each batch shape is compiled, then timed over ``--steps``
 steps (median); concat's tokens/s is b / t_T. DD's tokens/s over a whole epoch is
 
-    tokens_per_s_dd = Σ_i n_i · b / Σ_i n_i · t_i        (n_i = batches of bucket i in the epoch)
+    tokens_per_s_dd = Σ_i n_i · b / Σ_i n_i · t_i     (n_i = batches of bucket i in the epoch)
 
-so it depends on the corpus's document lengths. It is reported for the bundled WikiText-2
-articles (GPT-2 and byte tokens: long documents, most tokens land in the largest buckets) and for
-a synthetic web-like length distribution (log-normal, median 300 tokens, σ = 1.2; most tokens in
-the 512–1024 buckets, like RefinedWeb in Pouransari et al. 2024 §2.1). The paper's claim: an
-8k-context model trained with DD at the cost of a 2k-context baseline.
+so it depends on the corpus's document lengths and on how documents longer than twice the
+largest bucket are cut: ``random`` (the default, the official repo's ``randomize=True``: piece
+lengths drawn with P ∝ 1/length, so the overflow tokens spread evenly over the buckets) or
+``greedy`` (largest-bucket pieces). Both are reported for the bundled WikiText-2 articles (GPT-2
+and byte tokens: long documents) and for a synthetic web-like length distribution (log-normal,
+median 300 tokens, σ = 1.2; most tokens in the 512–1024 buckets, like RefinedWeb in Pouransari et
+al. 2024 §2.1). The paper's claim: an 8k-context model trained with DD at the cost of a
+2k-context baseline.
 
 **Part B — equal tokens, validation bits-per-byte.** WikiText-2 validation's 60 articles, split
 into 54 train / 6 held-out (every 10th), byte tokens, seq_len 512, the same model, steps and
-tokens per step for ``concat``, ``pack`` and ``dd`` (Grow-P2 × 8 cycles, buckets 64…512), trained
-with ``jaxlm.train.loop.run``. Every model is evaluated on the same two held-out sets: ``docs``
-(articles from their start, packed with document masks) and ``stream`` (concat windows of the
-held-out text).
+tokens per step for ``concat``, ``pack``, ``dd`` (Grow-P2 × 8 cycles over the run, Algorithm 1,
+randomized overflow, buckets 64…512) and ``dd_greedy`` (the same with greedy overflow pieces, the
+decomposition jaxlm used before issue 14), trained with ``jaxlm.train.loop.run``. Every model is
+evaluated on the same two held-out sets: ``docs`` (articles from their start, packed with document
+masks) and ``stream`` (concat windows of the held-out text).
+
+Resumable: each finished part-A context and part-B mode is appended to
+``bench/results/dd_vs_concat.jsonl`` and skipped next time (``--fresh`` ignores the file); the
+ratios of part A always come from one process.
 
 Example (from the repository root; about 3 + 3×2.5 minutes on 2 busy CPU cores)::
 
@@ -31,6 +39,7 @@ Example (from the repository root; about 3 + 3×2.5 minutes on 2 busy CPU cores)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -43,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 SEP = "re:\\n(?= = [^=].* = \\n)"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dd_vs_concat.jsonl")
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=0",
          "model.d_ff=256", "mesh.fsdp=-1", "peak_flops=1e12"]
 
@@ -87,19 +97,32 @@ def shape_times(T: int, tokens: int, steps: int, model: list[str]) -> dict[int, 
     return out
 
 
-def bucket_tokens(doc_lengths, T: int) -> dict[int, int]:
+def load_rows(path: str = RESULTS) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_row(row: dict, path: str = RESULTS) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def bucket_tokens(doc_lengths, T: int, overflow: str = "random") -> dict[int, int]:
     """Tokens per bucket 256..T after decomposing documents of these lengths (EOT included)."""
-    from jaxlm.data import decompose
+    from jaxlm.data.bucketing import piece_table
+
+    class Docs:  # what piece_table reads of a corpus
+        offsets = np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64)
 
     buckets = [1 << k for k in range(8, T.bit_length())]
-    out = dict.fromkeys(buckets, 0)
-    for n in doc_lengths:
-        for L in decompose(int(n), buckets):
-            out[L] += L
-    return out
+    pieces, _ = piece_table(Docs, buckets, overflow)
+    return {L: len(pieces[L]) * L for L in buckets}
 
 
-def part_a(contexts, tokens: int, steps: int) -> None:
+def part_a(contexts, tokens: int, steps: int, rows: list[dict]) -> None:
     from jaxlm.config import ASSETS
     from jaxlm.data import get_tokenizer
     from jaxlm.data.corpus import load_corpus
@@ -115,20 +138,36 @@ def part_a(contexts, tokens: int, steps: int) -> None:
     print(f"Part A: train-step throughput, {tokens} tokens/step, model {' '.join(MODEL[:5])}, "
           f"byte vocab", flush=True)
     for T in contexts:
+        if any(r.get("part") == "A" and r["T"] == T and r["tokens"] == tokens for r in rows):
+            print(f"skip part A at T={T} (in {RESULTS})")
+            continue
         t = shape_times(T, tokens, steps, MODEL)
         concat = tokens / t[T]
         print(f"concat T={T}: {concat:,.0f} tokens/s")
+        row = {"part": "A", "T": T, "tokens": tokens, "ms_per_step": {L: t[L] * 1e3 for L in t},
+               "concat_tokens_per_s": concat, "dd": []}
         for name, lengths in corpora.items():
-            bt = bucket_tokens(lengths, T)
-            total = sum(bt.values())
-            time_per_epoch = sum(bt[L] / tokens * t[L] for L in bt)  # n_i = tokens_i / b
-            dd = total / time_per_epoch
-            share = " ".join(f"{L}:{bt[L] / total:.2f}" for L in bt)
-            print(f"dd     T={T} on {name}: {dd:,.0f} tokens/s  ratio_dd_over_concat="
-                  f"{dd / concat:.2f}  (token share per bucket {share})", flush=True)
+            for overflow in ("random", "greedy"):
+                bt = bucket_tokens(lengths, T, overflow)
+                total = sum(bt.values())
+                time_per_epoch = sum(bt[L] / tokens * t[L] for L in bt)  # n_i = tokens_i / b
+                dd = total / time_per_epoch
+                share = {L: bt[L] / total for L in bt}
+                print(f"dd     T={T} on {name}, {overflow} overflow: {dd:,.0f} tokens/s  "
+                      f"ratio_dd_over_concat={dd / concat:.2f}  (token share per bucket "
+                      + " ".join(f"{L}:{v:.2f}" for L, v in share.items()) + ")", flush=True)
+                row["dd"].append({"corpus": name, "overflow": overflow, "tokens_per_s": dd,
+                                  "ratio": dd / concat, "share": share})
+        append_row(row)
 
 
-def part_b(steps: int, batch: int, seq_len: int) -> None:
+MODES = {"concat": ["data.mode=concat"], "pack": ["data.mode=pack"],
+         "dd": ["data.mode=dd", "data.min_bucket=64", "data.curriculum=grow_p2", "data.cycles=8"],
+         "dd_greedy": ["data.mode=dd", "data.min_bucket=64", "data.curriculum=grow_p2",
+                       "data.cycles=8", "data.dd_overflow=greedy"]}
+
+
+def part_b(steps: int, batch: int, seq_len: int, rows: list[dict]) -> None:
     from jaxlm.config import ASSETS, load_config
     from jaxlm.data import make_data_source
     from jaxlm.train.loop import run
@@ -156,17 +195,26 @@ def part_b(steps: int, batch: int, seq_len: int) -> None:
     sets = {"docs": make_data_source(dcfg), "stream": make_data_source(
         load_config("configs/tiny.yaml", common + ["data.mode=concat"]).data)}
     sets = {k: s.eval_batches(batch_size=batch, num_batches=16) for k, s in sets.items()}
-    for mode in ("concat", "pack", "dd"):
-        extra = ["data.min_bucket=64", "data.curriculum=grow_p2", "data.cycles=8"] \
-            if mode == "dd" else []
+    for mode, extra in MODES.items():
+        key = dict(part="B", mode=mode, steps=steps, batch=batch, seq_len=seq_len)
+        old = [r for r in rows if all(r.get(k) == v for k, v in key.items())]
+        if old:
+            print(f"skip {mode} (in {RESULTS}): held-out bpb docs {old[0]['bpb_docs']:.4f}")
+            continue
         t0 = time.perf_counter()
-        res = run(load_config("configs/tiny.yaml", common + [
-            f"data.mode={mode}", f"out_dir={os.path.join(tmp, mode)}", *extra]))
+        cfg = load_config("configs/tiny.yaml", common + [f"out_dir={os.path.join(tmp, mode)}",
+                                                         *extra])
+        res = run(cfg)
         ev = make_eval_step(res["spec"])
         bpb = {k: evaluate(ev, res["state"]["params"], b, res["spec"].mesh)["bpb"]
                for k, b in sets.items()}
-        print(f"{mode:6s} train loss {res['loss']:.3f}  held-out bpb: docs {bpb['docs']:.4f}  "
-              f"stream {bpb['stream']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        share = make_data_source(cfg.data).stats.get("token_share") if "dd" in mode else None
+        wall = time.perf_counter() - t0
+        print(f"{mode:9s} train loss {res['loss']:.3f}  held-out bpb: docs {bpb['docs']:.4f}  "
+              f"stream {bpb['stream']:.4f}  ({wall:.0f} s)"
+              + (f"  token share {share}" if share else ""), flush=True)
+        append_row(dict(key, train_loss=res["loss"], bpb_docs=bpb["docs"],
+                        bpb_stream=bpb["stream"], wall_s=round(wall), token_share=share))
 
 
 def main(argv=None) -> int:
@@ -177,11 +225,13 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=120, help="steps per mode (part B)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help=f"ignore (do not skip) {RESULTS}")
     ns = ap.parse_args(argv)
+    rows = [] if ns.fresh else load_rows()
     if not ns.skip_throughput:
-        part_a(ns.contexts, ns.tokens, ns.steps)
+        part_a(ns.contexts, ns.tokens, ns.steps, rows)
     if not ns.skip_quality:
-        part_b(ns.train_steps, batch=8, seq_len=512)
+        part_b(ns.train_steps, batch=8, seq_len=512, rows=rows)
     return 0
 
 

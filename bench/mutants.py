@@ -33,7 +33,7 @@ MUTANTS = {
         "jaxlm/data/bucketing.py", 'w = odds * part if weights == "repo" else',
         'w = odds * 1.0 if weights == "repo" else', [DD]),
     "dd_overflow_always_greedy": (
-        "jaxlm/data/bucketing.py", 'if overflow == "random":', 'if overflow == "never":', [DD]),
+        "jaxlm/data/bucketing.py", "    while len(live):", "    while False:", [DD]),
     "dd_overflow_uniform_sizes": (
         "jaxlm/data/bucketing.py", "return inv / inv.sum()",
         "return np.full(len(inv), 1 / len(inv))", [DD]),

@@ -46,25 +46,32 @@ from jaxlm.utils.inspect import read_metrics
 #
 # A document of n tokens (its end-of-text included) is cut into adjacent pieces by the
 # binary expansion of n, largest first (DD §2.1): n = 2^{i₁} + 2^{i₂} + …, and the piece of
-# length 2^i goes to bucket D_i. Parts longer than the largest bucket are cut into
-# largest-bucket pieces; a remainder shorter than the smallest bucket is dropped. Every
-# piece is one training row from a single document, so no attention mask is needed and no
-# token attends across documents.
+# length 2^i goes to bucket D_i. While at least twice the largest bucket is left, the next
+# piece's length is *drawn* with P(2^k) ∝ 2^(max−k) (`data.dd_overflow=random`, the default of
+# the authors' `get_binary(..., randomize=True)`), so long documents feed every bucket equally
+# instead of only the largest (`greedy`, the repo's `randomize=False`); the draw is seeded, so
+# every process and every restart cuts the same pieces. A remainder shorter than the smallest
+# bucket is dropped. Every piece is one training row from a single document, so no attention
+# mask is needed and no token attends across documents. The 1500- and 2600-token documents
+# below are cut both ways.
 
 # %%
 buckets = [32, 64, 128, 256, 512]
-docs = [1000, 700, 300, 1500, 90]
+docs = [1000, 700, 300, 90, 1500, 1500, 2600, 2600]
+rule = ["greedy"] * 4 + ["greedy", "random"] * 2
 colors = {L: plt.cm.viridis(i / (len(buckets) - 1)) for i, L in enumerate(buckets)}
-fig, ax = plt.subplots(figsize=(11, 2.8))
-for row, n in enumerate(docs):
+fig, ax = plt.subplots(figsize=(11, 3.6))
+for row, (n, how) in enumerate(zip(docs, rule)):
     start = 0
-    for L in decompose(n, buckets):
+    pieces = decompose(n, buckets, np.random.default_rng(row) if how == "random" else None)
+    for L in pieces:
         ax.barh(row, L, left=start, color=colors[L], edgecolor="white")
         ax.text(start + L / 2, row, str(L), ha="center", va="center", fontsize=8, color="w")
         start += L
     ax.barh(row, n - start, left=start, color="lightgray")  # dropped remainder
-    print(f"{n:5d} tokens -> pieces {decompose(n, buckets)}, {n - start} dropped")
-ax.set_yticks(range(len(docs)), [f"doc of {n}" for n in docs]); ax.invert_yaxis()
+    print(f"{n:5d} tokens ({how}) -> pieces {pieces}, {n - start} dropped")
+ax.set_yticks(range(len(docs)), [f"{n} ({how})" for n, how in zip(docs, rule)])
+ax.invert_yaxis()
 ax.set_xlabel("token position (gray: shorter than the smallest bucket, dropped)")
 plt.tight_layout(); plt.show()
 
@@ -77,15 +84,16 @@ plt.tight_layout(); plt.show()
 # `SOURCE.md`). **tinyshakespeare** split at blank lines (the default separator `"\n\n"`):
 # thousands of short speeches. `make_data_source` with `data.mode=dd` tokenizes a corpus once
 # (bytes here; cached and memory-mapped), decomposes every document (`piece_table`) and
-# counts pieces per bucket. Long articles put almost all tokens in the largest bucket;
-# short speeches fill the small ones — the speed-up DD can give depends on this histogram
-# (DD reports 512 as RefinedWeb's heaviest bucket).
+# counts pieces per bucket. The long articles are mostly overflow: the randomized rule spreads
+# their tokens about evenly over the buckets (with `greedy` pieces, ~99% would sit in the
+# largest bucket); short speeches fill the small buckets by their own lengths — the speed-up DD
+# can give depends on this histogram (DD reports 512 as RefinedWeb's heaviest bucket).
 
 # %%
 SEP = "re:\\n(?= = [^=].* = \\n)"  # a WikiText article starts at a " = Title = " line
 CTX = 256 if TINY else 1024  # the largest bucket = the model's context
 dd = [f"data.seq_len={CTX}", "data.min_bucket=32", f"data.cache_dir={OUT}/05_cache",
-      "data.cycles=16" if TINY else "data.cycles=8", "data.curriculum=grow_p2"]
+      "data.cycles=4" if TINY else "data.cycles=8", "data.curriculum=grow_p2"]
 corpora = {"WikiText-2 articles": [f"data.path={ASSETS}/wikitext-2/valid.txt",
                                    f"data.doc_separator={SEP}"],
            "tinyshakespeare speeches": []}
@@ -108,19 +116,26 @@ src = sources["tinyshakespeare speeches"]  # used from here on
 #
 # Variable sequence length batching (DD §2.2): with b = batch_size × seq_len tokens per step,
 # bucket i supplies b / 2^i rows of length 2^i, so the loss always averages over b tokens
-# while short steps cost less attention. The curriculum (DD §3.3, Alg. 1; Grow-P2 with
-# cycles c) draws bucket i with odds ∝ 2^{K−1−i} among the buckets that still have batches
-# in this cycle: each cycle starts short and ends long.
+# while short steps cost less attention. The curriculum (DD §3.3, Algorithm 1; Grow-P2 with
+# c cycles) splits the *training run* (`train.steps`, which the training loop passes to the
+# data source as `total_steps`) into c cycles, each holding the buckets in proportion to their
+# size, and draws bucket i with odds o_i ∝ 2^{K−1−i} among the buckets that still have batches
+# in the cycle: each cycle starts short and ends long. (`data.curriculum_weights=repo` weights
+# the odds by each bucket's tokens, as the authors' `get_dd_params.py` does; the two agree when
+# the buckets are equal, as in the paper's ablation.)
 
 # %%
-it = src.train_iterator(batch_size=8, seed=0)
+RUN = 40 if TINY else 300  # the training run of section 4
+it = src.train_iterator(batch_size=8, seed=0, total_steps=RUN)
 for step in range(6):
     x = next(it)["inputs"]
     print(f"step {step}: batch {x.shape[0]:3d} x {x.shape[1]:4d} = {x.size} tokens")
 sched, _ = src.schedule.epoch(0)
 plt.figure(figsize=(11, 2.5))
 plt.plot(np.asarray(src.buckets)[sched], ".", ms=3)
-plt.yscale("log", base=2); plt.xlabel("step in epoch 0"); plt.ylabel("sequence length")
+for j in range(1, src.schedule.cycles):
+    plt.axvline(j * RUN / src.schedule.cycles, c="gray", lw=0.5)
+plt.yscale("log", base=2); plt.xlabel(f"step of the {RUN}-step run"); plt.ylabel("sequence length")
 plt.title("Grow-P2 curriculum: every cycle goes short -> long"); plt.show()
 
 # %% [markdown]
@@ -136,7 +151,7 @@ plt.title("Grow-P2 curriculum: every cycle goes short -> long"); plt.show()
 # (`jaxlm.train.loop.evaluate` on DD's validation batches).
 
 # %%
-steps = 40 if TINY else 300
+steps = RUN
 train = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=256",
          "train.batch_size=8", f"train.steps={steps}", "train.log_every=1",
          "train.eval_every=0", "train.eval_batches=4", "train.warmup_steps=5",
