@@ -349,3 +349,19 @@ def test_missing_tokenizer_of_a_checkpoint_is_described_as_such(tmp_path):
         f"tokenizer: model file not found: {gone}); it is data.tokenizer_path='{gone}' in "
         "/runs/a/config.yaml: put that file back (a relative path is relative to where training "
         "ran)")
+
+
+def test_a_document_separator_that_never_occurs_is_not_silent(tmp_path, caplog):
+    from jaxlm.data.corpus import load_corpus
+    from jaxlm.data.tokenizer import get_tokenizer
+
+    path = tmp_path / "docs.txt"
+    path.write_text("first document\n\nsecond document\n")
+    kw = dict(cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"data.doc_separator='\\\\n\\\\n' never occurs in .*: "
+                       "it holds a literal backslash, not a newline; for a blank line write"):
+        load_corpus(str(path), get_tokenizer("byte"), separator="\\n\\n", **kw)  # shell-typed
+    with caplog.at_level(logging.WARNING, logger="jaxlm"):
+        assert load_corpus(str(path), get_tokenizer("byte"), separator="###", **kw).n_docs == 1
+    assert "data.doc_separator='###' never occurs: the whole file is one document" in caplog.text
+    assert load_corpus(str(path), get_tokenizer("byte"), separator="\n\n", **kw).n_docs == 2
