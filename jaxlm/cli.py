@@ -5,6 +5,8 @@ Each is ``main(argv) -> exit code`` around a plain function that notebooks call 
 (bad config, missing files, impossible mesh) print one ``error: …`` line and exit 2.
 
     jaxlm-train [CONFIG.yaml|PRESET] [section.key=value ...]   # no args: the shakespeare preset
+        (one config, first: a .yaml after the overrides is an error; a config path with '='
+        in it is still the config if it exists or ends in .yaml and is not key=value)
     jaxlm-sample --ckpt OUT_DIR --prompt "ROMEO:" [--temperature 0.8 --top-k 40 --top-p 0.95]
     jaxlm-eval --ckpt OUT_DIR --data FILE|shakespeare
     python -m jaxlm.cli {train,sample,eval} ...
@@ -27,6 +29,9 @@ def _guard(fn, argv) -> int:
     except ConfigError as e:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # always one line
         return 2
+    except BrokenPipeError:  # `jaxlm-sample ... | head -1`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (exit flush is quiet)
+        return 141  # the shell's code for "ended by SIGPIPE"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,8 +50,7 @@ def _train(argv) -> int:
                           "[CONFIG.yaml] [section.key=value ...])")
     from jaxlm.config import DEFAULT_PRESET, load_config
 
-    path = argv[0] if argv and "=" not in argv[0] else None
-    overrides = argv[1:] if path else argv
+    path, overrides = split_train_args(argv)
     cfg = load_config(path or DEFAULT_PRESET, overrides)  # a preset name or a YAML path
 
     from jaxlm.train.loop import run
@@ -61,8 +65,39 @@ def _train(argv) -> int:
         text = sample_text(result["spec"].graphdef, result["state"]["params"],
                            result["tokenizer"], "", max_new_tokens=n, temperature=0.8,
                            top_k=0, top_p=0.95, seed=0, context=result["cfg"].data.seq_len)
-        print("---- sample ----\n" + text + "\n----------------")
+        _print_text("---- sample ----\n" + text + "\n----------------")
     return 0
+
+
+def _is_override(arg: str) -> bool:
+    """``section.key=value`` whose first key is a config field (so ``runs/a=b.yaml`` is not)."""
+    import dataclasses
+
+    from jaxlm.config import Config
+
+    key = arg.split("=", 1)[0].strip()
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return "=" in arg and key.split(".")[0] in fields
+
+
+def split_train_args(argv) -> tuple[str | None, list]:
+    """(config path or preset name or None, overrides). The config comes first; a first argument
+    with ``=`` is still the config when it names an existing file or ends in .yaml/.yml and does
+    not start with a config key (``out_dir=x.yaml`` is an override). A YAML file given after the
+    overrides is an error, not a "bad override"."""
+    first = argv[0] if argv else None
+    is_config = first is not None and (
+        "=" not in first or os.path.isfile(first)
+        or (first.endswith((".yaml", ".yml")) and not _is_override(first)))
+    path, overrides = (first, list(argv[1:])) if is_config else (None, list(argv))
+    for arg in overrides:
+        if "=" not in arg and arg.endswith((".yaml", ".yml")):
+            if path is not None:
+                raise ConfigError(f"jaxlm-train takes one config file, got a second: {arg!r} "
+                                  "(merge them, or pass its settings as key=value overrides)")
+            raise ConfigError(f"jaxlm-train: {arg!r} comes after other arguments, but the config "
+                              "file must come first: jaxlm-train CONFIG.yaml key=value ...")
+    return path, overrides
 
 
 def _is_primary() -> bool:
@@ -86,21 +121,39 @@ def _sample(argv) -> int:
                                 and a.temperature >= 0, "a finite number >= 0"),
               "--top-p": (a.top_p, 0 < a.top_p <= 1, "in (0, 1]"),
               "--top-k": (a.top_k, a.top_k >= 0, ">= 0 (0 = off)"),
-              "--max-new-tokens": (a.max_new_tokens, a.max_new_tokens > 0, "> 0")}
+              "--max-new-tokens": (a.max_new_tokens, a.max_new_tokens > 0, "> 0"),
+              "--seed": (a.seed, 0 <= a.seed < 2**63, f"in [0, {2**63 - 1}]")}
     for flag, (value, ok, want) in checks.items():
         if not ok:
             raise ConfigError(f"jaxlm-sample: {flag} {value} must be {want}")
-    from jaxlm.data.tokenizer import get_tokenizer
     from jaxlm.sample import sample_text
-    from jaxlm.train.checkpoint import load_trained
+    from jaxlm.train.checkpoint import load_trained, trained_tokenizer
 
     cfg, spec, params = load_trained(a.ckpt)
-    tok = get_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
-    text = sample_text(spec.graphdef, params, tok, a.prompt, max_new_tokens=a.max_new_tokens,
+    tok = trained_tokenizer(cfg, a.ckpt)
+    text = sample_text(spec.graphdef, params, tok, _prompt(a.prompt, tok),
+                       max_new_tokens=a.max_new_tokens,
                        temperature=0.0 if a.greedy else a.temperature, top_k=a.top_k,
                        top_p=a.top_p, seed=a.seed, context=cfg.data.seq_len)
-    print(text)
+    _print_text(text)
     return 0
+
+
+def _prompt(arg: str, tok):
+    """argv text -> what the tokenizer gets. Python decodes argv with ``surrogateescape``, so bytes
+    that are not UTF-8 (``--prompt $'\\xff\\xfe abc'``) arrive as lone surrogates: the byte
+    tokenizer takes the exact bytes, the others get them as U+FFFD (they only encode text)."""
+    raw = arg.encode("utf-8", "surrogateescape")
+    return raw if tok.name == "byte" else raw.decode("utf-8", "replace")
+
+
+def _print_text(text: str) -> None:
+    """print, but never a UnicodeEncodeError: characters stdout cannot encode become '?'."""
+    try:
+        print(text)
+    except UnicodeEncodeError:
+        enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+        print(text.encode(enc, "replace").decode(enc, "replace"))
 
 
 def _eval(argv) -> int:
@@ -110,18 +163,26 @@ def _eval(argv) -> int:
                    help="a UTF-8 text file or a bundled corpus (shakespeare, wikitext2)")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole file")
+    p.add_argument("--seq-len", type=int, default=0,
+                   help="window length (0 = the checkpoint's data.seq_len; less for short files)")
     a = p.parse_args(argv)
-    if a.batch_size < 0 or a.max_batches < 0:
-        raise ConfigError(f"jaxlm-eval: --batch-size {a.batch_size} and --max-batches "
-                          f"{a.max_batches} must be >= 0 (0 = default / the whole file)")
+    if a.batch_size < 0 or a.max_batches < 0 or a.seq_len < 0:
+        raise ConfigError(f"jaxlm-eval: --batch-size {a.batch_size}, --max-batches "
+                          f"{a.max_batches} and --seq-len {a.seq_len} must be >= 0 (0 = default / "
+                          "the whole file)")
     from jaxlm.config import resolve_data_path
 
     data = resolve_data_path(a.data, "jaxlm-eval: --data")
+    from jaxlm.utils.files import check_data_file, not_regular_file
+
+    if not os.path.isdir(data) and not_regular_file(data):  # /dev/zero, a FIFO: never read them
+        check_data_file(data, "jaxlm-eval --data")
     if not os.path.isfile(data):  # fail before loading the checkpoint
         raise ConfigError(f"jaxlm-eval: --data {a.data} is not a file (pass a UTF-8 text file)")
     from jaxlm.eval import evaluate_file
 
-    r = evaluate_file(a.ckpt, data, batch_size=a.batch_size, max_batches=a.max_batches)
+    r = evaluate_file(a.ckpt, data, batch_size=a.batch_size, max_batches=a.max_batches,
+                      seq_len=a.seq_len)
     print(f"tokens={r['tokens']}")
     print(f"loss={r['loss']:.4f} ppl={r['ppl']:.3f} bpb={r['bpb']:.4f}")
     return 0

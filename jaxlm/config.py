@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from jaxlm.utils.files import not_regular_file
+from jaxlm.utils.strict_yaml import yaml_load
+
 
 class ConfigError(ValueError):
     """A user error in the configuration; the CLI prints it as one ``error: ...`` line."""
@@ -221,6 +224,9 @@ def _coerce(key: str, value, typ):
                       f"(write e.g. {key}={_EXAMPLES.get(typ, '...')})")
 
 
+_PATH_KEYS = ("out_dir", "data.path", "data.val_path", "data.tokenizer_path", "data.cache_dir")
+
+
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "config"
@@ -240,6 +246,8 @@ def _build(cls, data: dict, prefix: str = ""):
             kwargs[key] = _build(typ, value or {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(prefix + key, value, typ)
+            if prefix + key in _PATH_KEYS:  # `data.path=~/x`: the shell expands ~ only in out_dir=
+                kwargs[key] = os.path.expanduser(kwargs[key])
     return cls(**kwargs)
 
 
@@ -250,7 +258,13 @@ def _set_path(tree: dict, dotted: str, value) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: '{p}' is not a section")
-    node[parts[-1]] = value
+    old = node.get(parts[-1])
+    # `train.steps=3 train={lr: 1}`: merge, never drop the earlier override silently
+    node[parts[-1]] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) \
+        else value
+
+
+_SECTIONS = ("model", "data", "train", "optim", "mesh", "ckpt")
 
 
 def parse_overrides(overrides: typing.Sequence[str]) -> dict:
@@ -262,10 +276,17 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
                               "(e.g. train.steps=100)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            # undecodable argv bytes (surrogateescape) only occur in strings such as file names,
+            # which YAML's reader refuses: take those verbatim
+            undecodable = any("\udc80" <= c <= "\udcff" for c in raw)
+            value = raw if undecodable or raw == "" else yaml_load(raw, f"override {item!r}")
         except yaml.YAMLError as e:
             raise ConfigError(f"bad value for {key}: {raw!r} is not valid YAML "
                               f"({e.__class__.__name__}); quote or fix it") from None
+        if value is None and key.strip() in _SECTIONS:  # would silently reset the whole section
+            raise ConfigError(f"override {item!r} would drop every {key.strip()}.* setting of "
+                              f"the config file; set single keys instead (e.g. "
+                              f"{key.strip()}.key=value)")
         _set_path(tree, key.strip(), value)
     return tree
 
@@ -275,38 +296,6 @@ def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one and
-    silently drops the first: a second ``train:`` section would erase the first)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}  # key -> line of its first occurrence
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are fine
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: PyYAML reports it below
-                continue
-            if first is not None:
-                raise ConfigError(
-                    f"{self.name}: duplicate key {key!r} at line {line} (first at line {first}); "
-                    "YAML would silently drop the first one — merge them into one")
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def yaml_load(text, source: str = "<string>"):
-    """``yaml.safe_load`` that raises ConfigError for duplicate keys (see _UniqueKeyLoader)."""
-    loader = _UniqueKeyLoader(text)
-    loader.name = source
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 def read_yaml(path: str) -> dict:
@@ -532,6 +521,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    if not 0 <= cfg.seed < 2**32:  # grain's shuffle takes a uint32; jax's key an int64
+        raise ConfigError(f"seed={cfg.seed} must be in [0, {2**32 - 1}] (write e.g. seed=1234)")
+    for key, value in _leaves(cfg):  # e.g. train.steps=1e30: an OverflowError deep inside later
+        if isinstance(value, int) and not -2**63 <= value < 2**63:
+            raise ConfigError(f"{key}={value} is too large (it must fit in 64 bits)")
+    host, _, port = cfg.coordinator_address.rpartition(":")
+    if cfg.coordinator_address and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"coordinator_address={cfg.coordinator_address!r} must be HOST:PORT "
+                          "with a port in 1-65535 (e.g. coordinator_address=10.0.0.1:12345)")
     if cfg.num_processes < 0:
         raise ConfigError(f"num_processes={cfg.num_processes} must be >= 0 (0 = auto-detect)")
     if cfg.process_id < -1 or (cfg.num_processes and cfg.process_id >= cfg.num_processes):

@@ -17,21 +17,35 @@ Example::
 from __future__ import annotations
 
 from jaxlm.data.pipeline import Windows, eval_batches_from_rows, read_text
-from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.config import ConfigError
-from jaxlm.train.checkpoint import load_trained
+from jaxlm.train.checkpoint import load_trained, trained_tokenizer
 from jaxlm.train.step import evaluate, make_eval_step
 
 
-def evaluate_file(out_dir: str, path: str, *, batch_size: int = 0, max_batches: int = 0) -> dict:
-    """Score ``path`` with the latest checkpoint of ``out_dir`` (all windows unless max_batches)."""
+def evaluate_file(out_dir: str, path: str, *, batch_size: int = 0, max_batches: int = 0,
+                  seq_len: int = 0) -> dict:
+    """Score ``path`` with the latest checkpoint of ``out_dir`` (all windows unless max_batches).
+
+    ``seq_len``: the window length (0 = the checkpoint's data.seq_len); a shorter window scores
+    files too short for the training context (positions stay inside the trained range)."""
     cfg, spec, params = load_trained(out_dir)
-    tok = get_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
-    rows = Windows(tok.encode(read_text(path, "--data")), cfg.data.seq_len, tok.token_bytes)
+    trained = cfg.data.seq_len
+    if not 0 <= seq_len <= trained:
+        raise ConfigError(f"jaxlm-eval: --seq-len {seq_len} must be in [1, {trained}] (the "
+                          f"checkpoint's data.seq_len; 0 = {trained})")
+    length = seq_len or trained
+    tok = trained_tokenizer(cfg, out_dir)
+    tokens = tok.encode(read_text(path, "--data"))
+    rows = Windows(tokens, length, tok.token_bytes)
     if len(rows) == 0:
-        raise ConfigError(f"--data {path} has fewer than {cfg.data.seq_len + 1} tokens")
+        window = f"--seq-len {length}" if seq_len else f"the checkpoint's data.seq_len={length}"
+        shorter = (f", or score shorter windows with --seq-len {len(tokens) - 1}"
+                   if len(tokens) >= 2 else "")
+        raise ConfigError(f"jaxlm-eval: --data {path} has {len(tokens)} tokens, but one window of "
+                          f"{window} needs {length + 1}; pass a longer file{shorter}")
     shards = spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]
     bs = batch_size or cfg.train.batch_size // cfg.train.grad_accum
+    bs = min(bs, len(rows))  # a batch larger than the file is only padding (--batch-size 1e9)
     bs = -(-bs // shards) * shards  # round up to a multiple of the batch shards
     n = max_batches or -(-len(rows) // bs)
     batches = eval_batches_from_rows(rows, batch_size=bs, num_batches=n, process_index=0,

@@ -53,6 +53,7 @@ import numpy as np
 from jaxlm.config import ConfigError, resolve_data_path
 from jaxlm.data.pipeline import read_text
 from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.utils.files import check_data_file
 
 log = logging.getLogger("jaxlm")
 _VERSION = 1  # bump when the cache layout changes
@@ -114,10 +115,26 @@ def split_documents(text: str, separator: str) -> list[str]:
     return text.split(separator)
 
 
+def _check_unused_separator(path: str, separator: str) -> None:
+    """A separator that never occurs: an error when it holds a literal backslash escape (the shell
+    override ``data.doc_separator=\\n\\n`` is backslash-n, not a newline), else a warning."""
+    if not separator.startswith("re:") and re.search(r"\\[ntr]", separator):
+        raise ConfigError(
+            f"data.doc_separator={separator!r} never occurs in {path}: it holds a literal "
+            "backslash, not a newline; for a blank line write data.doc_separator='\"\\n\\n\"' "
+            "(YAML double quotes) or use a regex: data.doc_separator='re:\\n\\n'")
+    log.warning("%s: data.doc_separator=%r never occurs: the whole file is one document", path,
+                separator)
+
+
 def _iter_documents(path: str, fmt: str, separator: str, field: str, what: str, stats: dict):
     """Yield document strings; count skips in ``stats``."""
     if fmt == "text":
-        yield from split_documents(read_text(path, what), separator)
+        text = read_text(path, what)
+        docs = split_documents(text, separator)
+        if len(docs) == 1 and separator:  # the whole file is one document: rarely meant
+            _check_unused_separator(path, separator)
+        yield from docs
         return
     if fmt == "jsonl":
         if not os.path.isfile(path):
@@ -174,10 +191,7 @@ def load_corpus(path: str, tokenizer: Tokenizer, *, fmt: str = "auto", separator
     module docstring."""
     path = resolve_data_path(path, what)
     fmt = resolve_format(path, fmt)
-    if os.path.isdir(path):
-        raise ConfigError(f"{what}: {path} is a directory (point {what} at a corpus file)")
-    if not os.path.exists(path):
-        raise ConfigError(f"{what}: file not found: {path} (point {what} at a corpus file)")
+    check_data_file(path, what, "a corpus file")  # FIFO, /dev/zero, … -> one line, never a hang
     if os.path.getsize(path) == 0:
         raise ConfigError(f"{what}: file is empty: {path} (point {what} at a non-empty corpus)")
     cache_dir = cache_dir or default_cache_dir()
