@@ -57,7 +57,7 @@ CASES = [
          "config file {configs} is a directory; pass a YAML file (e.g. configs/tiny.yaml)",
          "pass a YAML file"),
     Case("config file missing", "train", ["{tmp}/missing.yaml"],
-         "config file not found: {tmp}/missing.yaml (in …); pass an existing YAML file or a "
+         "config file not found: {tmp}/missing.yaml; pass an existing YAML file or a "
          "preset name (…)", "pass an existing YAML file"),
     Case("same YAML section twice", "train", ["{tmp}/dup.yaml"],
          "{tmp}/dup.yaml: duplicate key 'train' at line 3 (first at line 1); YAML would silently "
@@ -69,7 +69,7 @@ CASES = [
          "config file /dev/zero is a character device, not a regular file; pass a YAML file "
          "(e.g. configs/tiny.yaml)", "pass a YAML file"),
     Case("config path with '=' in it", "train", ["{tmp}/a=b.yaml"],
-         "config file not found: {tmp}/a=b.yaml (in …); pass an existing YAML file or a preset "
+         "config file not found: {tmp}/a=b.yaml; pass an existing YAML file or a preset "
          "name (…)", "pass an existing YAML file"),
     Case("config file after the overrides", "train", ["train.steps=3", "{tiny}"],
          "jaxlm-train: '{tiny}' comes after other arguments, but the config file must come "
@@ -144,6 +144,11 @@ CASES = [
     Case("seed larger than int64", "train", [T, "seed=99999999999999999999"],
          "seed=99999999999999999999 must be in [0, 4294967295] (write e.g. seed=1234)",
          "write e.g. seed=1234"),
+    Case("coordinator address without a port", "train",
+         [T, "distributed=true", "coordinator_address=nonsense", "num_processes=2",
+          "process_id=0"],
+         "coordinator_address='nonsense' must be HOST:PORT with a port in 1-65535 (e.g. "
+         "coordinator_address=10.0.0.1:12345)", "must be HOST:PORT"),
     Case("empty out_dir", "train", [T, "out_dir="],
          "out_dir is empty; set out_dir=<a directory for checkpoints and logs>",
          "set out_dir=<a directory for checkpoints and logs>"),
@@ -260,6 +265,10 @@ CASES = [
          "must be a finite number >= 0"),
     Case("sample zero new tokens", "sample", ["--ckpt", "{ckpt}", "--max-new-tokens", "0"],
          "jaxlm-sample: --max-new-tokens 0 must be > 0", "must be > 0"),
+    Case("sample seed beyond 64 bits", "sample", ["--ckpt", "{ckpt}", "--seed",
+                                                  "99999999999999999999"],
+         "jaxlm-sample: --seed 99999999999999999999 must be in [0, 9223372036854775807]",
+         "must be in [0, 9223372036854775807]"),
     Case("sample flag value of the wrong type", "sample", ["--ckpt", "{ckpt}", "--top-k", "abc"],
          "jaxlm-sample: argument --top-k: invalid int value: 'abc' (see jaxlm-sample --help)",
          "see jaxlm-sample --help"),

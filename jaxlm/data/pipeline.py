@@ -39,15 +39,15 @@ Example::
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Protocol
+from typing import Protocol, Sequence
 
 import grain
 import numpy as np
 
-from jaxlm.config import (DEFAULT_CORPUS, ConfigError, DataConfig, register_choice,
+from jaxlm.config import (DEFAULT_CORPUS, ConfigError, DataConfig,
                           resolve_data_path)
 from jaxlm.data.tokenizer import Tokenizer, get_tokenizer
+from jaxlm.utils.files import check_data_file
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask", "target_bytes")
 
@@ -72,10 +72,7 @@ def read_text(path: str, what: str = "data.path") -> str:
     """Read a UTF-8 text file (or a bundled corpus by name: ``shakespeare``); missing / empty /
     undecodable -> one-line ConfigError."""
     path = resolve_data_path(path, what)
-    if os.path.isdir(path):
-        raise ConfigError(f"{what}: {path} is a directory (point {what} at a UTF-8 text file)")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what}: file not found: {path} (point {what} at a UTF-8 text file)")
+    check_data_file(path, what)  # a FIFO, /dev/zero, … is named and refused, never read
     try:
         with open(path, "rb") as f:
             raw = f.read()
