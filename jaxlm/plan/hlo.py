@@ -15,8 +15,10 @@ On that weighting, per chip (the HLO is one partition's program):
   holes), as XLA's cost analysis counts them.
 * HBM bytes ≈ Σ over instructions outside fusions (fusion = one kernel): operand + result bytes.
   Shape plumbing (parameter, tuple, get-tuple-element, bitcast, constant, while, call) is free.
+  Each such kernel's (FLOPs, bytes) is kept too (``ops``), for a per-kernel roofline.
 * collectives: all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute (and their
-  async ``-start`` halves, counted once) with the bytes of the full buffer (the gathered output,
+  async ``-start`` halves; one ``channel_id`` counted once, as TPU async collective fusions
+  repeat it) with the bytes of the full buffer (the gathered output,
   the un-scattered input, the reduced operand) and the mesh axes their replica groups span.
 
 Replica groups come in three textual forms, all decoded into explicit groups of logical device
@@ -80,6 +82,7 @@ class HloSummary:
     bytes_accessed: float  # per chip per step, estimate (see module docstring)
     collectives: list  # of Collective, aggregated by (op, mesh_axes, bytes, group_size)
     unknown_trip_counts: int  # while loops without known_trip_count (counted once)
+    ops: list = dataclasses.field(default_factory=list)  # (FLOPs, bytes) per unfused kernel
 
 
 def shape_bytes(shape: str) -> list[int]:
@@ -318,33 +321,66 @@ def _permute_axes(attrs: str, mesh_shape: dict) -> tuple[list[str], int]:
     return [list(mesh_shape)[i] for i in sorted(varying)], 2
 
 
+def _fusion_flops(comps: dict):
+    """name -> dot FLOPs of one run of a computation, nested fusions included (memoised)."""
+    memo: dict[str, float] = {}
+
+    def flops(name: str) -> float:
+        if name not in memo:
+            memo[name] = 0.0
+            instrs = comps.get(name, [])
+            table = {i.name: i.shape for i in instrs}
+            memo[name] = sum(_dot_flops(i, table) for i in instrs
+                             if i.op in ("dot", "convolution")) + sum(
+                flops(c) for i in instrs if i.op == "fusion"
+                for k, c in _callees(i) if k == "calls")
+        return memo[name]
+
+    return flops
+
+
+def _collective(ins: Instr, mesh_shape: dict):
+    """(op, mesh axes, bytes, group size) of one collective instruction."""
+    op = ins.op[:-6] if ins.op.endswith("-start") else ins.op
+    if op == "collective-permute":
+        axes, group = _permute_axes(ins.attrs, mesh_shape)
+    else:
+        groups = decode_groups(ins.attrs)
+        axes, group = (["?"], 0) if groups is None else group_axes(groups, mesh_shape)
+    return op, tuple(axes), _collective_bytes(ins, op, max(group, 1)), group
+
+
 def analyze(text: str, mesh_shape: dict) -> HloSummary:
-    """FLOPs, bytes and collectives per chip per step of one compiled HLO module (docstring)."""
+    """FLOPs, bytes, per-kernel work and collectives per chip per step (module docstring)."""
     comps, entry = parse_module(text)
     runs, fused, unknown = run_counts(comps, entry)
-    flops = bytes_accessed = 0.0
+    fusion_flops = _fusion_flops(comps)
+    flops = 0.0
+    ops: list[tuple[float, float]] = []  # (FLOPs, bytes) of each unfused instruction, weighted
     agg: dict[tuple, int] = {}
+    seen: set = set()  # channel ids: the TPU compiler repeats one async collective inside its
+    # start, done and collective-matmul fusions (one channel_id); it runs once
     for comp, instrs in comps.items():
         r = runs.get(comp, 0.0)
         if not r:
             continue
         table = {i.name: i.shape for i in instrs}
         for ins in instrs:
-            if ins.op in ("dot", "convolution"):
-                flops += r * _dot_flops(ins, table)
+            own = _dot_flops(ins, table) if ins.op in ("dot", "convolution") else 0.0
+            flops += r * own
             if comp not in fused and ins.op not in _FREE:
-                operand_bytes = sum(sum(shape_bytes(table.get(o, ""))) for o in ins.operands)
-                bytes_accessed += r * (sum(shape_bytes(ins.shape)) + operand_bytes)
+                nbytes = sum(shape_bytes(ins.shape)) + sum(
+                    sum(shape_bytes(table.get(o, ""))) for o in ins.operands)
+                inner = sum(fusion_flops(c) for k, c in _callees(ins) if k == "calls") \
+                    if ins.op == "fusion" else 0.0
+                ops.append((r * (own + inner), r * nbytes))
             op = ins.op[:-6] if ins.op.endswith("-start") else ins.op
-            if op not in COLLECTIVE_OPS:
+            channel = re.search(r"channel_id=(\d+)", ins.attrs)
+            if op not in COLLECTIVE_OPS or (channel and channel.group(1) in seen):
                 continue
-            if op == "collective-permute":
-                axes, group = _permute_axes(ins.attrs, mesh_shape)
-            else:
-                groups = decode_groups(ins.attrs)
-                axes, group = (["?"], 0) if groups is None else group_axes(groups, mesh_shape)
-            key = (op, tuple(axes), _collective_bytes(ins, op, max(group, 1)), group)
+            seen.add(channel.group(1) if channel else None)
+            key = _collective(ins, mesh_shape)
             agg[key] = agg.get(key, 0) + int(round(r))
     colls = [Collective(op, list(axes), b, g, c) for (op, axes, b, g), c in agg.items()]
     colls.sort(key=lambda c: (c.op, c.mesh_axes, -c.bytes))
-    return HloSummary(flops, bytes_accessed, colls, unknown)
+    return HloSummary(flops, sum(b for _, b in ops), colls, unknown, ops)

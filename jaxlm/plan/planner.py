@@ -117,8 +117,9 @@ def _collective_rows(colls, target, shape) -> list[dict]:
              "time_s": estimate.collective_time(c, target, shape)} for c in colls]
 
 
-def _result(cfg, target, source, shape, memory, flops_chip, bytes_chip, colls, extra) -> dict:
-    road = estimate.roofline(flops_chip, bytes_chip, colls, target, shape)
+def _result(cfg, target, source, shape, memory, flops_chip, bytes_chip, colls, extra,
+            ops=None) -> dict:
+    road = estimate.roofline(flops_chip, bytes_chip, colls, target, shape, ops)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     step = road["step_time_s"]
     model_flops = model_flops_per_step(cfg)
@@ -197,7 +198,7 @@ def plan(cfg: Config, target: Target, devices=None, compile: bool = True) -> dic
              "xla_cost_analysis_per_chip": aot.cost_analysis(out.compiled),
              "xla_memory_analysis_per_chip": xla_mem}
     return _result(cfg, target, source, shape, memory, summary.flops, summary.bytes_accessed,
-                   summary.collectives, extra)
+                   summary.collectives, extra, summary.ops)
 
 
 def _divisors(n: int) -> list[int]:

@@ -67,6 +67,7 @@ def format_plan(p: dict) -> str:
     lines += ["", "roofline (per chip)",
               f"  compute       ~{_time(road['compute_s'])}",
               f"  memory        ~{_time(road['memory_s'])}",
+              f"  kernels       ~{_time(road['busy_s'])} (per-kernel max of the two, summed)",
               f"  communication ~{_time(road['comm_s'])} ({_time(road['exposed_comm_s'])} exposed)",
               f"  overlap       {road['overlap']}",
               f"  step time     ~{_time(p['step_time_s_estimate'])}  (bounds "
