@@ -139,8 +139,11 @@ for p in presets:
 # Same model, data order and schedule; only the method changes (`optim.name`, and
 # `model.weights` for the factorised models). In `tiny` mode: a d_model-64 model, rank 16,
 # GaLore/Fira refresh every T = 16 steps, 48 steps; restarts every 16 steps. At this scale
-# the ranking is noisy and need not match the papers (see `bench/RESULTS.md` for 150- and
-# 400-step tables); the point is the mechanics.
+# and budget (far below the papers' ~20 tokens per parameter, one seed, one LR) the ranking is
+# noise and need not match the papers; the point is the mechanics. For the comparison under the
+# papers' protocol (wd 0, β2 0.999, 20 tokens per parameter, an LR grid per method, three seeds,
+# a control arm at 1/10 of the budget) see `bench/optimizer_repro.py` and its section of
+# `bench/RESULTS.md`.
 
 # %%
 steps = 48 if TINY else 400
