@@ -13,8 +13,10 @@ On that weighting, per chip (the HLO is one partition's program):
   ``convolution`` (TPU HLO writes batched matmuls as windowed convolutions) = 2 × batch × output
   features × input features × the kernel taps that land on real input (not padding or dilation
   holes), as XLA's cost analysis counts them.
-* HBM bytes ≈ Σ over instructions outside fusions (fusion = one kernel): operand + result bytes.
-  Shape plumbing (parameter, tuple, get-tuple-element, bitcast, constant, while, call) is free.
+* HBM bytes ≈ Σ over instructions outside fusions (fusion = one kernel): operand + result bytes
+  (slices and in-place updates: only the data they move; collectives: none, they are
+  communication — :func:`kernel_bytes`). Shape plumbing (parameter, tuple, bitcast, constant,
+  while, call) is free.
   Each such kernel's (FLOPs, bytes) is kept too (``ops``), for a per-kernel roofline.
 * collectives: all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute (and their
   async ``-start`` halves; one ``channel_id`` counted once, as TPU async collective fusions
@@ -53,7 +55,7 @@ _ARRAY = re.compile(r"\b(" + "|".join(_BITS) + r")\[([\d,]*)\]")
 _FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "call",
          "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "iota",
          "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done",
-         "copy-done", "send-done", "recv-done"}
+         "copy-done", "send-done", "recv-done", "slice-done"}
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 
 
@@ -321,6 +323,38 @@ def _permute_axes(attrs: str, mesh_shape: dict) -> tuple[list[str], int]:
     return [list(mesh_shape)[i] for i in sorted(varying)], 2
 
 
+def _is_communication(ins: Instr) -> bool:
+    """A collective, or a TPU async-collective fusion: its time is the communication term."""
+    op = ins.op[:-6] if ins.op.endswith("-start") else ins.op
+    return op in COLLECTIVE_OPS or ins.name.startswith("async-collective") or any(
+        c.startswith("async_collective") for _, c in _callees(ins))
+
+
+def kernel_bytes(ins: Instr, table: dict) -> int:
+    """HBM bytes one kernel reads and writes (an estimate): operands + results, except that a
+    slice reads only what it returns, an update in place (dynamic-update-slice, or a fusion
+    whose output aliases an operand: ``output_to_operand_aliasing``, or a dynamic-update-slice
+    fusion, whose largest operand is the buffer) moves only the new data,
+    and collectives count as communication, not here."""
+    if _is_communication(ins):
+        return 0
+    operands = [sum(shape_bytes(table.get(o, ""))) for o in ins.operands]
+    out = shape_bytes(ins.shape)
+    if ins.op in ("dynamic-slice", "slice"):
+        return 2 * sum(out)
+    if ins.op == "slice-start":  # ((operand), result, context)
+        return 2 * (out[1] if len(out) > 1 else sum(out))
+    if ins.op == "dynamic-update-slice":
+        return 2 * (operands[1] if len(operands) > 1 else 0)
+    aliased = {int(i) for i in re.findall(r":\s*\((\d+),", ins.attrs.split(
+        "output_to_operand_aliasing=", 1)[1].split("}}", 1)[0] + "}}")} \
+        if "output_to_operand_aliasing=" in ins.attrs else set()
+    if ins.op == "fusion" and "dynamic-update-slice" in ins.name and operands:
+        aliased.add(operands.index(max(operands)))  # updates its largest operand in place
+    moved = sum(b for i, b in enumerate(operands) if i not in aliased)
+    return sum(out) - sum(operands[i] for i in aliased if i < len(operands)) + moved
+
+
 def _fusion_flops(comps: dict):
     """name -> dot FLOPs of one run of a computation, nested fusions included (memoised)."""
     memo: dict[str, float] = {}
@@ -369,8 +403,7 @@ def analyze(text: str, mesh_shape: dict) -> HloSummary:
             own = _dot_flops(ins, table) if ins.op in ("dot", "convolution") else 0.0
             flops += r * own
             if comp not in fused and ins.op not in _FREE:
-                nbytes = sum(shape_bytes(ins.shape)) + sum(
-                    sum(shape_bytes(table.get(o, ""))) for o in ins.operands)
+                nbytes = kernel_bytes(ins, table)
                 inner = sum(fusion_flops(c) for k, c in _callees(ins) if k == "calls") \
                     if ins.op == "fusion" else 0.0
                 ops.append((r * (own + inner), r * nbytes))
