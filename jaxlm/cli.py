@@ -53,13 +53,14 @@ def _train(argv) -> int:
     path, overrides = split_train_args(argv)
     cfg = load_config(path or DEFAULT_PRESET, overrides)  # a preset name or a YAML path
 
+    from jaxlm.distributed import is_primary
     from jaxlm.train.loop import run
 
     result = run(cfg)
     if result["preempted"]:
         return 0
     n = result["cfg"].train.sample_tokens
-    if n and result["state"] is not None and _is_primary():
+    if n and result["state"] is not None and is_primary():
         from jaxlm.sample import sample_text
 
         text = sample_text(result["spec"].graphdef, result["state"]["params"],
@@ -98,12 +99,6 @@ def split_train_args(argv) -> tuple[str | None, list]:
             raise ConfigError(f"jaxlm-train: {arg!r} comes after other arguments, but the config "
                               "file must come first: jaxlm-train CONFIG.yaml key=value ...")
     return path, overrides
-
-
-def _is_primary() -> bool:
-    import jax
-
-    return jax.process_index() == 0
 
 
 def _sample(argv) -> int:

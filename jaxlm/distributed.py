@@ -38,6 +38,11 @@ from jaxlm.config import Config, ConfigError
 log = logging.getLogger("jaxlm")
 
 
+def is_primary() -> bool:
+    """The process that writes shared files (metrics, config, the out_dir lock) and logs INFO."""
+    return jax.process_index() == 0
+
+
 def cluster_args(cfg: Config) -> dict:
     """The explicitly configured ``jax.distributed.initialize`` arguments (unset ones omitted, so
     jax auto-detects them or reads its environment variables)."""

@@ -71,8 +71,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxlm.config import CkptConfig, Config, ConfigError, from_dict, to_dict
-from jaxlm.train.compat import check_compatible, describe_changes  # noqa: F401 (re-exported)
+from jaxlm.distributed import is_primary
 from jaxlm.utils.files import write_fix as _fix_for
+from jaxlm.utils.trees import leaves_with_names
 
 log = logging.getLogger("jaxlm")
 
@@ -111,13 +112,7 @@ def fingerprint(tree) -> dict:
         uint = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
         return jax.lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
 
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path(p): jnp.sum(words(x), dtype=jnp.uint32) for p, x in leaves}
-
-
-def _path(keys) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                    for k in keys)
+    return {name: jnp.sum(words(x), dtype=jnp.uint32) for name, x in leaves_with_names(tree)}
 
 
 def _checksums(state) -> dict:
@@ -342,10 +337,6 @@ def _is_layout_mismatch(e: BaseException) -> bool:
     """A restore that failed because the target's tree differs from the saved one (other
     settings), as opposed to damage."""
     return "tree structures do not match" in str(e)
-
-
-def is_primary() -> bool:
-    return jax.process_index() == 0
 
 
 def load_trained(out_dir: str):

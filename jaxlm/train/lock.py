@@ -100,12 +100,13 @@ def _holder(fd: int) -> str:
 def acquire_run_lock(out_dir: str, *, primary: bool | None = None) -> RunLock:
     """Lock ``out_dir`` for this process (creating the directory) or raise a one-line ConfigError.
 
-    ``primary``: whether this process takes the lock; default ``jax.process_index() == 0``.
+    ``primary``: whether this process takes the lock; default: the primary process
+    (:func:`jaxlm.distributed.is_primary`).
     """
     if primary is None:
-        import jax
+        from jaxlm.distributed import is_primary
 
-        primary = jax.process_index() == 0
+        primary = is_primary()
     path = os.path.join(out_dir, LOCK_NAME)
     if not primary:
         return RunLock(path, None)

@@ -50,7 +50,8 @@ from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data import make_data_source
 from jaxlm.optim import build_optimizer
 from jaxlm.sharding import host_to_global, make_mesh
-from jaxlm.train.checkpoint import Checkpointer, is_primary, reason
+from jaxlm.distributed import is_primary
+from jaxlm.train.checkpoint import Checkpointer, reason
 from jaxlm.train.compat import check_compatible, describe_changes
 from jaxlm.train.compiled import CompiledSteps
 from jaxlm.train.lock import acquire_run_lock
@@ -65,7 +66,7 @@ log = logging.getLogger("jaxlm")
 
 
 def setup_logging() -> None:
-    level = logging.INFO if jax.process_index() == 0 else logging.WARNING
+    level = logging.INFO if is_primary() else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", force=True)
     logging.getLogger("jaxlm").setLevel(level)
     for noisy in ("absl", "orbax", "grain", "jax"):
@@ -164,13 +165,13 @@ def restore_or_init(cfg: Config, spec: StateSpec, ckpt: Checkpointer, train_iter
     config written next to it."""
     def target(saved: Config) -> dict:
         check_compatible(saved, cfg)  # a one-line error naming what differs and what to do
-        for change in describe_changes(saved, cfg):  # differs, but resumes fine
-            log.info("resuming with a changed setting: %s", change)
         return spec.abstract_with_shardings()
 
     found = ckpt.restore_latest(target, train_iter, quarantine=True)
     if found:
         log.info("resumed from %s at step %d", ckpt.dir, found.step)
+        for change in describe_changes(found.config, cfg):  # differs, but resumes fine
+            log.info("resuming with a changed setting: %s", change)
     state = found.state if found else spec.init()
     latest = found.step if found else None
     if is_primary():
