@@ -54,3 +54,17 @@ def test_cli_v5e16_json_contract(capfd):
     assert p["collectives"] and all(c["mesh_axes"] == ["fsdp"] for c in p["collectives"])
     assert p["step_time_s_estimate"] > 0 and p["tokens_per_s_estimate"] > 0
     assert 0 < p["mfu_estimate"] < 1
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu not installed (pip install -e '.[plan]')")
+def test_two_slices_put_data_on_the_datacenter_network():
+    from jaxlm.plan.planner import plan
+    from jaxlm.plan.targets import parse_target
+
+    target = parse_target("2x v5e-4")
+    p = plan(load_config("tiny", TINY + ["mesh.data=2", "mesh.fsdp=4"]), target)
+    assert p["source"] == "compiled-tpu" and p["chips"] == 8
+    data = [c for c in p["collectives"] if c["mesh_axes"] == ["data"]]
+    assert len(data) == 1 and data[0]["bytes"] == p["memory_per_chip_bytes"]["params"]
+    # it crosses slices: an all-reduce (2 x (n-1)/n of the bytes, n = 2) at the DCN bandwidth
+    assert data[0]["time_s"] == pytest.approx(data[0]["bytes"] / target.chip.dcn_bw, rel=1e-6)

@@ -54,8 +54,9 @@ def tpu_devices(topology: str, n_slices: int = 1, chips_per_host: int = 4):
 
     # compile-only: several planner processes may load libtpu at once (no chip is claimed)
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    n = 1 if topology.endswith(":1x1") else chips_per_host
-    bounds = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}[min(n, chips_per_host)]
+    dims = [int(x) for x in topology.split(":")[1].split("x")] + [1]
+    host = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}[chips_per_host]
+    bounds = tuple(min(h, d) for h, d in zip(host, dims))  # a slice smaller than a host
     topo = topologies.get_topology_desc(
         platform="tpu", topology_name=topology, chip_config_name="default",
         chips_per_host_bounds=bounds, num_slices=n_slices)
@@ -101,14 +102,34 @@ class CompiledStep:
     platform: str  # "tpu" | "cpu"
 
 
+def make_mesh(cfg: Config, devices):
+    """jaxlm's mesh over ``devices``; over several TPU slices a hybrid mesh whose ``data`` axis
+    spans the slices (data-center network) and whose fsdp/tensor axes stay inside one (ICI)."""
+    from jax.experimental import mesh_utils
+    from jax.sharding import AxisType, Mesh
+
+    from jaxlm import sharding
+
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) <= 1:
+        return sharding.make_mesh(cfg.mesh, devices=devices)
+    k, shape = len(slices), sharding.mesh_shape(cfg.mesh, len(devices))
+    if shape[0] % k:
+        raise ConfigError(f"{k} slices: mesh.data={shape[0]} must be a multiple of {k} (the data "
+                          "axis spans the slices over the data-center network)")
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // k, shape[1], shape[2]), (k, 1, 1),
+                                                devices)
+    sharding.check_process_layout(grid)
+    return Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
 def build_spec(cfg: Config, devices):
     """StateSpec on a mesh over ``devices`` (abstract: nothing is allocated)."""
     from jaxlm.optim import build_optimizer
-    from jaxlm.sharding import make_mesh
     from jaxlm.train.loop import check_batch
     from jaxlm.train.state import StateSpec
 
-    mesh = make_mesh(cfg.mesh, devices=devices)
+    mesh = make_mesh(cfg, devices)
     check_batch(cfg, mesh)
     return StateSpec.build(cfg, mesh, build_optimizer(cfg))
 
