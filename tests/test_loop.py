@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.config import ConfigError, load_config
+from jaxlm.config import load_config
 from jaxlm.optim import applied_lr, build_optimizer, lr_at
 from jaxlm.train.loop import run
 
@@ -77,14 +77,6 @@ def test_finished_run_says_it_is_complete(restart_run, capfd):
     assert read_metrics(out) == before  # nothing trained, logged or saved again
 
 
-def test_step_that_cannot_fit_is_one_line_before_training(tmp_path):
-    cfg = load_config(TINY, [f"out_dir={tmp_path}", "data.seq_len=100000", "train.batch_size=8",
-                             "data.val_fraction=0.5"])
-    with pytest.raises(ConfigError, match=r"needs .*TiB per device .* lower train.batch_size"):
-        run(cfg)
-    assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "1"))
-
-
 def test_first_signal_checkpoints_second_aborts():
     import signal
 
@@ -122,3 +114,16 @@ def test_ctrl_c_during_the_first_compile_ends_at_once(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGINT and time.time() - t0 < 5
     assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_step_that_cannot_fit_is_one_last_line_before_training(tmp_path, capsys):
+    from jaxlm.cli import train_main
+
+    rc = train_main([TINY, f"out_dir={tmp_path}", "data.seq_len=100000", "train.batch_size=8",
+                     "data.val_fraction=0.5"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) > 1  # the run's log lines, then the error
+    assert lines[-1].startswith("error: the train step for batch shape [8, 100000] needs")
+    assert "lower train.batch_size" in lines[-1]
+    assert not [ln for ln in lines[:-1] if ln.startswith("error:") or "Traceback" in ln]
+    assert not os.listdir(tmp_path / "checkpoints")  # nothing trained, nothing saved
