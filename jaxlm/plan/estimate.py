@@ -157,7 +157,8 @@ def roofline(flops: float, bytes_accessed: float, collectives, target, mesh_shap
             "comm_s_by_axis": by_axis, "exposed_comm_s": step - busy,
             "step_time_s": step, "lower_bound_s": max(t_compute, t_memory, t_comm),
             "upper_bound_s": busy + t_comm,
-            "bound": "compute" if t_compute >= t_memory else "memory",
+            "bound": max((t_compute, "compute"), (t_memory, "memory"),
+                         (t_comm, "communication"))[1],
             "overlap": "fsdp/data collectives overlap the kernels; tensor collectives exposed; "
                        "each kernel is max(FLOPs/peak, bytes/HBM bw), kernels run one after "
                        "another" if ops else "fsdp/data collectives overlap compute; tensor "

@@ -146,6 +146,17 @@ def _result(cfg, target, source, shape, memory, flops_chip, bytes_chip, colls, e
         if step else 0.0, **extra}
 
 
+def analytic_hbm_bytes(cfg: Config, spec, memory: dict) -> float:
+    """HBM traffic per chip per step, an estimate: the state read and written by the update
+    (params, two moments, gradients), the gathered weights read in each pass (forward, two
+    backward matmuls, + the remat forward) per micro-batch, activations written and read once."""
+    passes = 3 + (cfg.model.remat != "none")
+    s = 2 if cfg.model.dtype == "bfloat16" else 4
+    weights = _layer_param_bytes(spec) * cfg.model.n_layers * spec.mesh.shape["fsdp"] * s / 4
+    return (2 * (memory["params"] + memory["optimizer"] + memory["gradients"])
+            + passes * weights * cfg.train.grad_accum + 2 * memory["activations"])
+
+
 def plan_analytic(cfg: Config, target: Target) -> dict:
     """Everything from formulas (no compile): the sweep's first pass, and ``--analytic``."""
     cfg = aot.resolve_vocab_size(cfg)
@@ -153,13 +164,7 @@ def plan_analytic(cfg: Config, target: Target) -> dict:
     shape = dict(spec.mesh.shape)
     memory = estimate.analytic_memory(cfg, spec)
     flops = model_flops_per_step(cfg) * recompute_factor(cfg) / target.n_chips
-    # HBM traffic, an estimate: state read+written by the update (params, 2 moments, grads),
-    # the gathered weights read in each pass, activations written once and read once
-    passes = 3 + (cfg.model.remat != "none")
-    s = 2 if cfg.model.dtype == "bfloat16" else 4
-    weights = _layer_param_bytes(spec) * cfg.model.n_layers * shape["fsdp"] * s / 4
-    bytes_chip = (2 * (memory["params"] + memory["optimizer"] + memory["gradients"])
-                  + passes * weights * cfg.train.grad_accum + 2 * memory["activations"])
+    bytes_chip = analytic_hbm_bytes(cfg, spec, memory)
     colls = analytic_collectives(cfg, shape, _layer_param_bytes(spec))
     return _result(cfg, target, "analytic", shape, memory, flops, bytes_chip, colls,
                    {"estimate_notes": ["memory, FLOPs, HBM bytes and collectives are analytic "
@@ -182,12 +187,17 @@ def plan(cfg: Config, target: Target, devices=None, compile: bool = True) -> dic
     xla_mem = aot.memory_analysis(out.compiled)
     notes = ["step time, tokens/s and MFU are roofline estimates (jaxlm/plan/estimate.py)",
              "HBM bytes per step: unfused instructions' operands + results (an estimate)"]
+    hbm_bytes, ops = summary.bytes_accessed, summary.ops
     if tpu and xla_mem:
         source, memory = "compiled-tpu", estimate.compiled_memory(spec, xla_mem)
     else:
         source, memory = "compiled-fake-devices", estimate.analytic_memory(cfg, spec)
         notes.append("memory beyond params/optimizer is analytic (an estimate): a CPU compile's "
                      "memory analysis is not the target's")
+        if target.chip.kind != "cpu":  # a CPU compile fuses far less than a GPU one
+            hbm_bytes, ops = analytic_hbm_bytes(cfg, spec, memory), None
+            notes.append("HBM traffic is analytic (state, gathered weights, activations): the "
+                         "CPU compile's kernels are not the GPU's")
         if target.chip.kind == "tpu":
             notes.append("libtpu is not installed (pip install 'jaxlm[plan]'): compiled on fake "
                          "CPU devices instead of the TPU compiler")
@@ -205,8 +215,8 @@ def plan(cfg: Config, target: Target, devices=None, compile: bool = True) -> dic
     extra = {"compile_s": out.compile_s, "estimate_notes": notes,
              "xla_cost_analysis_per_chip": aot.cost_analysis(out.compiled),
              "xla_memory_analysis_per_chip": xla_mem}
-    return _result(cfg, target, source, shape, memory, summary.flops, summary.bytes_accessed,
-                   colls, extra, summary.ops)
+    return _result(cfg, target, source, shape, memory, summary.flops, hbm_bytes, colls, extra,
+                   ops)
 
 
 def _divisors(n: int) -> list[int]:
