@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import typing
@@ -25,20 +24,14 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from jaxlm.utils.files import not_regular_file
+from jaxlm.errors import ConfigError, suggest as _suggest
 from jaxlm.utils.strict_yaml import yaml_load
 
 
-class ConfigError(ValueError):
-    """A user error in the configuration; the CLI prints it as one ``error: ...`` line."""
-
-
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-DEFAULT_CORPUS = os.path.join(ASSETS, "tinyshakespeare", "input.txt")
-# The presets ship inside the package (jaxlm/configs links to the repository's top-level configs/),
-# so an installed jaxlm finds them by name: load_config("shakespeare") == configs/shakespeare.yaml.
-PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-DEFAULT_PRESET = "shakespeare"
+# presets, bundled corpora and YAML files live in jaxlm/presets.py; re-exported here
+from jaxlm.presets import (ASSETS, CORPORA, DEFAULT_CORPUS, DEFAULT_PRESET,  # noqa: F401
+                           PRESETS, preset_names, read_yaml, resolve_config_path,
+                           resolve_data_path)
 
 
 @dataclass(frozen=True)
@@ -188,12 +181,6 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
 
 
-def _suggest(word: str, options, prefix: str = "") -> str:
-    """'; did you mean 'train.lr'?' for the closest option to a typo, else ''."""
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
-
-
 _EXAMPLES = {bool: "true", int: "8", float: "0.5", str: "text"}
 
 
@@ -298,81 +285,6 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def read_yaml(path: str) -> dict:
-    if os.path.isdir(path):
-        raise ConfigError(f"config file {path} is a directory; pass a YAML file "
-                          "(e.g. configs/tiny.yaml)")
-    if not_regular_file(path):
-        raise ConfigError(f"config file {path} is {not_regular_file(path)}, not a regular file; "
-                          "pass a YAML file (e.g. configs/tiny.yaml)")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}; pass an existing YAML file or a "
-                          f"preset name ({', '.join(preset_names())})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml_load(f, path) or {}
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f" (line {line + 1})" if line is not None else ""
-        problem = " ".join(str(getattr(e, "problem", None) or e).split())
-        raise ConfigError(f"invalid YAML in {path}{where}: {problem}; fix the syntax there"
-                          ) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start}); "
-                          "pass a YAML file") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got "
-                          f"{type(data).__name__} (write e.g. 'train: {{steps: 100}}')")
-    return data
-
-
-def preset_names() -> list[str]:
-    """The bundled presets, loadable by name (``shakespeare``, ``tiny``, ``llama_1b``, ...)."""
-    if not os.path.isdir(PRESETS):
-        return []
-    return sorted(f[:-5] for f in os.listdir(PRESETS) if f.endswith(".yaml"))
-
-
-def resolve_config_path(name_or_path: str) -> str:
-    """A YAML file path as given, or the bundled preset of that name (``shakespeare``).
-
-    A bare name (no ``/``, no ``.yaml``) that is not an existing file is looked up among the
-    presets; anything else is a path. A missing preset is a ConfigError, never a fallback."""
-    looks_like_path = (os.sep in name_or_path or "/" in name_or_path
-                       or name_or_path.endswith((".yaml", ".yml")))
-    if looks_like_path or os.path.exists(name_or_path):
-        return name_or_path
-    path = os.path.join(PRESETS, name_or_path + ".yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"no preset named {name_or_path!r}"
-                          f"{_suggest(name_or_path, preset_names())} (presets: "
-                          f"{', '.join(preset_names()) or 'none installed'}); pass a preset name "
-                          "or the path of a YAML file")
-    return path
-
-
-# Bundled corpora by name, so data.path / data.val_path / jaxlm-eval --data work from any directory.
-CORPORA = {"shakespeare": DEFAULT_CORPUS,
-           "wikitext2": os.path.join(ASSETS, "wikitext-2", "valid.txt")}
-
-
-def resolve_data_path(name_or_path: str, what: str = "data.path") -> str:
-    """A file path as given, or the bundled corpus of that name (``shakespeare``, ``wikitext2``).
-
-    An existing file wins over a name; a bare word (no ``/``, no ``.``) that is neither is a
-    ConfigError listing the names. Other paths are returned for the reader to report."""
-    if (not name_or_path or os.path.exists(name_or_path)
-            or any(c in name_or_path for c in ("/", ".", os.sep))):
-        return name_or_path
-    if name_or_path in CORPORA:
-        return CORPORA[name_or_path]
-    raise ConfigError(f"{what}: {name_or_path!r} is neither a file nor a bundled corpus"
-                      f"{_suggest(name_or_path, CORPORA)} (bundled: {', '.join(CORPORA)}); pass "
-                      "the path of a text file or a bundled name")
-
-
 def from_dict(data: dict) -> Config:
     return validate(_build(Config, data))
 
@@ -456,6 +368,15 @@ def check_mesh_sizes(mesh: MeshConfig) -> None:
 
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
+    _check_ranges(cfg)
+    _check_model(cfg.model)
+    _check_train(cfg)
+    _check_cluster(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Choices, finite floats, and the sign / range of single values."""
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -489,6 +410,9 @@ def validate(cfg: Config) -> Config:
     for key, value in {"optim.b1": cfg.optim.b1, "optim.b2": cfg.optim.b2}.items():
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value} must be in [0, 1)")
+
+
+def _check_model(m: ModelConfig) -> None:
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.dropout and m.attn_impl == "fused":
@@ -507,6 +431,10 @@ def validate(cfg: Config) -> Config:
             f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}; "
             "choose n_kv_heads dividing n_heads (0 = n_heads)")
     layer_pattern(m)
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}; "
@@ -526,6 +454,10 @@ def validate(cfg: Config) -> Config:
     for key, value in _leaves(cfg):  # e.g. train.steps=1e30: an OverflowError deep inside later
         if isinstance(value, int) and not -2**63 <= value < 2**63:
             raise ConfigError(f"{key}={value} is too large (it must fit in 64 bits)")
+
+
+def _check_cluster(cfg: Config) -> None:
+    """The multi-process coordinates and the mesh sizes."""
     host, _, port = cfg.coordinator_address.rpartition(":")
     if cfg.coordinator_address and not (host and port.isdigit() and 0 < int(port) < 65536):
         raise ConfigError(f"coordinator_address={cfg.coordinator_address!r} must be HOST:PORT "
@@ -540,4 +472,3 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("coordinator_address / num_processes / process_id are set but "
                           "distributed=false; add distributed=true")
     check_mesh_sizes(cfg.mesh)
-    return cfg

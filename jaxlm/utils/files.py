@@ -20,6 +20,8 @@ import errno
 import os
 import stat
 
+from jaxlm.errors import ConfigError
+
 
 def not_regular_file(path: str) -> str:
     """'' for a regular file or a missing path, else what it is: 'a directory', 'a named pipe
@@ -38,8 +40,6 @@ def not_regular_file(path: str) -> str:
 def check_data_file(path: str, what: str = "data.path", kind: str = "a UTF-8 text file") -> None:
     """``path`` must be an existing regular file, else a one-line ConfigError saying what it is
     and what to do. Nothing is opened."""
-    from jaxlm.config import ConfigError  # (jaxlm.config imports this module)
-
     if os.path.isdir(path):
         raise ConfigError(f"{what}: {path} is a directory (point {what} at {kind})")
     special = not_regular_file(path)

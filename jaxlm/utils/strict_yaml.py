@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import yaml
 
+from jaxlm.errors import ConfigError
+
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one and
@@ -32,8 +34,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: PyYAML reports it below
                 continue
             if first is not None:
-                from jaxlm.config import ConfigError  # (jaxlm.config imports this module)
-
                 raise ConfigError(
                     f"{self.name}: duplicate key {key!r} at line {line} (first at line {first}); "
                     "YAML would silently drop the first one — merge them into one")
