@@ -36,7 +36,7 @@ import numbers
 import os
 from typing import Any, Mapping
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 from jaxlm.utils.files import write_fix
 
 
