@@ -226,12 +226,16 @@ def _divisors(n: int) -> list[int]:
 def candidates(cfg: Config, n_chips: int, remats=("none", "save_dots", "full"),
                accums=(1, 2, 4, 8)) -> list[Config]:
     """Configs for every (data, fsdp, tensor) with data·fsdp·tensor = n_chips, tensor dividing
-    the heads and KV heads, each remat policy and micro-batch count that splits the batch."""
+    the heads, KV heads and the MLP width (else jaxlm.sharding.fit_spec replicates those weights
+    and every chip of the tensor group repeats their matmuls: llama_1b's d_ff = 5461 at
+    tensor=2 compiles to 30% more FLOPs), each remat policy and micro-batch count that splits
+    the batch."""
     from jaxlm.config import replace
 
     m, out = cfg.model, []
     for tensor, data in itertools.product(_divisors(n_chips), _divisors(n_chips)):
-        if n_chips % (tensor * data) or m.n_heads % tensor or m.kv_heads % tensor:
+        if n_chips % (tensor * data) or m.n_heads % tensor or m.kv_heads % tensor \
+                or m.d_ff % tensor:
             continue
         fsdp = n_chips // (tensor * data)
         for remat, accum in itertools.product(remats, accums):
