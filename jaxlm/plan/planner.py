@@ -185,8 +185,8 @@ def plan(cfg: Config, target: Target, devices=None, compile: bool = True) -> dic
     cfg, spec, shape = out.cfg, out.spec, dict(out.spec.mesh.shape)
     summary = analyze(out.compiled.as_text(), shape)
     xla_mem = aot.memory_analysis(out.compiled)
-    notes = ["step time, tokens/s and MFU are roofline estimates (jaxlm/plan/estimate.py)",
-             "HBM bytes per step: unfused instructions' operands + results (an estimate)"]
+    notes = ["step time, tokens/s and MFU are roofline estimates (jaxlm/plan/estimate.py): "
+             "upper bounds on speed, kernels at peak FLOP/s or HBM bandwidth"]
     hbm_bytes, ops = summary.bytes_accessed, summary.ops
     if tpu and xla_mem:
         source, memory = "compiled-tpu", estimate.compiled_memory(spec, xla_mem)
@@ -198,6 +198,9 @@ def plan(cfg: Config, target: Target, devices=None, compile: bool = True) -> dic
             hbm_bytes, ops = analytic_hbm_bytes(cfg, spec, memory), None
             notes.append("HBM traffic is analytic (state, gathered weights, activations): the "
                          "CPU compile's kernels are not the GPU's")
+    if ops is not None:
+        notes.append("HBM bytes per step: each kernel's operands + results in the compiled HLO "
+                     "(an estimate)")
         if target.chip.kind == "tpu":
             notes.append("libtpu is not installed (pip install 'jaxlm[plan]'): compiled on fake "
                          "CPU devices instead of the TPU compiler")
