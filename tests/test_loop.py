@@ -127,3 +127,26 @@ def test_step_that_cannot_fit_is_one_last_line_before_training(tmp_path, capsys)
     assert "lower train.batch_size" in lines[-1]
     assert not [ln for ln in lines[:-1] if ln.startswith("error:") or "Traceback" in ln]
     assert not os.listdir(tmp_path / "checkpoints")  # nothing trained, nothing saved
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_out_dir_one_writer(tmp_path):
+    """Two real jaxlm-train processes started together on one out_dir (different seeds): one
+    trains, the other stops with one error line; metrics.jsonl is one run's clean curve."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jaxlm.cli", "train", TINY, f"out_dir={out}",
+           "train.steps=100", "train.log_every=5", "ckpt.every=25", "train.eval_every=0"]
+    procs = [subprocess.Popen(cmd + [f"seed={s}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for s in (1, 2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], errs
+    loser = errs[[p.returncode for p in procs].index(2)].strip().splitlines()
+    assert loser[-1].startswith(f"error: out_dir {out} is in use by another jaxlm-train (pid ")
+    assert "Traceback" not in "".join(errs)
+    steps = [ln["step"] for ln in read_metrics(out) if "loss" in ln]
+    assert steps == list(range(5, 101, 5))
+    assert not [d for d in os.listdir(out / "checkpoints") if "tmp" in d]
