@@ -123,19 +123,12 @@ def run(cfg, target_name: str, sweep: bool = False, top: int = 3, analytic: bool
     from jaxlm.plan import planner
     from jaxlm.plan.targets import parse_target
 
-    chip = None
-    if target_name.strip().lower().startswith("cpu"):
-        chip = cpu_chip(cfg.model.dtype, parse_target(target_name, cpu_chip=_dummy()).n_chips)
-    target = parse_target(target_name, cpu_chip=chip)
+    target = parse_target(target_name)
+    if target.chip.kind == "cpu":
+        target = parse_target(target_name, cpu_chip(cfg.model.dtype, target.n_chips))
     if sweep:
         return planner.sweep(cfg, target, top=top, compile=not analytic, devices=devices)
     return planner.plan(cfg, target, devices=devices, compile=not analytic)
-
-
-def _dummy():
-    from jaxlm.plan.targets import CHIPS
-
-    return CHIPS["h100"]
 
 
 def _plan(argv) -> int:
@@ -153,7 +146,7 @@ def _plan(argv) -> int:
     if a.top < 1:
         raise ConfigError(f"jaxlm-plan: --top {a.top} must be >= 1")
     path, overrides = split_train_args(a.args)
-    target = parse_target(a.target, cpu_chip=_dummy())
+    target = parse_target(a.target)
     need = _devices_needed(target, a.analytic)
     if need and not _ensure_devices(need):
         env = _env_with_devices(need)
