@@ -197,13 +197,13 @@ def plan(cfg: Config, target: Target, devices=None, compile: bool = True) -> dic
         if target.chip.kind != "cpu":  # a CPU compile fuses far less than a GPU one
             hbm_bytes, ops = analytic_hbm_bytes(cfg, spec, memory), None
             notes.append("HBM traffic is analytic (state, gathered weights, activations): the "
-                         "CPU compile's kernels are not the GPU's")
-    if ops is not None:
-        notes.append("HBM bytes per step: each kernel's operands + results in the compiled HLO "
-                     "(an estimate)")
+                         "CPU compile's kernels are not the target's")
         if target.chip.kind == "tpu":
             notes.append("libtpu is not installed (pip install 'jaxlm[plan]'): compiled on fake "
                          "CPU devices instead of the TPU compiler")
+    if ops is not None:
+        notes.append("HBM bytes per step: each kernel's operands + results in the compiled HLO "
+                     "(an estimate)")
     colls = list(summary.collectives)
     if target.n_slices > 1 and not any("data" in c.mesh_axes for c in colls):
         # multi-slice: the per-slice HLO holds only the ICI collectives; the gradient all-reduce
