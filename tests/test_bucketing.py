@@ -1,10 +1,7 @@
 """Dataset Decomposition (mode dd): decompose(), piece table, curricula, VSL batches, invariants
 (every token in exactly one row or counted as dropped, no row crosses a document, constant tokens
-per step, power-of-two lengths), exact save/restore, disjoint + covering process shards, errors,
-and a short training run whose metrics show the bucket schedule."""
-
-import json
-import os
+per step, power-of-two lengths), exact save/restore, disjoint + covering process shards, errors.
+A short training run whose metrics show the bucket schedule is in tests/test_dd_faithful.py."""
 
 import numpy as np
 import pytest
@@ -180,26 +177,3 @@ def test_dd_errors(corpus_cfg, tmp_path):
     src = make_data_source(dataclasses.replace(corpus_cfg, path=str(tiny)))
     with pytest.raises(ConfigError, match="too small for one batch"):
         src.train_iterator(batch_size=B)
-
-
-def test_dd_training_run(tmp_path):
-    """A short run: metrics carry each logged step's actual seq_len and constant tokens."""
-    from jaxlm.config import load_config
-    from jaxlm.train.loop import run
-
-    rng = np.random.default_rng(0)  # 120 docs of 23 bytes (+ EOT = 24 = 16 + 8: one piece each)
-    (tmp_path / "d.txt").write_text("#".join(
-        "".join(rng.choice(list("abcdefgh"), 23)) for _ in range(120)))
-    out = tmp_path / "run"
-    cfg = load_config("configs/tiny.yaml", [
-        f"out_dir={out}", "data.mode=dd", f"data.path={tmp_path / 'd.txt'}",
-        "data.doc_separator='#'", f"data.cache_dir={tmp_path / 'c'}", "data.seq_len=16",
-        "data.min_bucket=8", "data.cycles=1", "train.batch_size=8", "train.steps=8",
-        "train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "ckpt.every=0",
-        "model.n_layers=1", "peak_flops=1e12"])
-    res = run(cfg)
-    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    steps = [x for x in lines if "loss" in x]
-    assert len(steps) == 8 and {x["tokens"] for x in steps} == {8 * 16}
-    assert {x["seq_len"] for x in steps} == {8, 16}
-    assert np.isfinite(res["eval"]["loss"])

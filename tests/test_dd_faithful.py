@@ -130,7 +130,8 @@ def test_cycles_span_the_run_not_a_pass_over_the_data():
 
 
 def test_training_run_cycles_follow_train_steps(tmp_path):
-    """Through jaxlm.train.loop.run: 19 batches per pass (6 short, 13 long), train.steps=8 and
+    """Through jaxlm.train.loop.run (metrics carry each step's actual seq_len, tokens per step
+    are constant): 19 batches per pass (6 short, 13 long), train.steps=8 and
     2 cycles -> two 4-step cycles holding 1 + 2 short batches (per pass, cycle 1 = 3 short + 6
     long batches would fill all 8 steps)."""
     from jaxlm.config import load_config
@@ -146,10 +147,12 @@ def test_training_run_cycles_follow_train_steps(tmp_path):
         "data.min_bucket=8", "data.cycles=2", "train.batch_size=8", "train.steps=8",
         "train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "ckpt.every=0",
         "model.n_layers=1", "peak_flops=1e12"])
-    run(cfg)
+    res = run(cfg)
     lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     seq = [x["seq_len"] for x in lines if "loss" in x]
-    assert len(seq) == 8
+    assert len(seq) == 8 and np.isfinite(res["eval"]["loss"])
+    # each logged step carries its actual seq_len, and every step the same tokens
+    assert {x["tokens"] for x in lines if "loss" in x} == {8 * 16}
     # 8 steps x 6/19 short = 2.5: cycle 1 owes 1.26 -> 1 short, cycle 2 owes 1.53 -> 2 short
     np.testing.assert_array_equal(cycle_quota([6, 13], 2, total_steps=8), [[1, 3], [2, 2]])
     assert sorted(seq[:4]) == [8, 16, 16, 16] and sorted(seq[4:]) == [8, 8, 16, 16], seq
