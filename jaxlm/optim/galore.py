@@ -167,6 +167,32 @@ def _replicate(tree):
     return jax.lax.with_sharding_constraint(tree, jax.sharding.PartitionSpec())
 
 
+def _zero_state(gs) -> "GaLoreState":
+    """Zero moments [.., r-side] and projectors, zero Fira norms, for leaves of geometry ``gs``."""
+    is_geo = lambda x: isinstance(x, _Geo)  # noqa: E731
+    zeros = lambda shape_fn: jax.tree.map(  # noqa: E731
+        lambda g: jnp.zeros(shape_fn(g), jnp.float32), gs, is_leaf=is_geo)
+    return GaLoreState(count=jnp.zeros((), jnp.int32), mu=zeros(_low_shape), nu=zeros(_low_shape),
+                       proj=zeros(_proj_shape), rnorm=zeros(lambda g: g.batch))
+
+
+def _adam_normalize(mu, nu, bc1, bc2, eps, eps_mode):
+    """(N_k, step factor): Adam's normalised moment with torch's or optax's eps placement."""
+    if eps_mode == "torch":
+        return mu / (jnp.sqrt(nu) + eps), jnp.sqrt(bc2) / bc1
+    return (mu / bc1) / (jnp.sqrt(nu / bc2) + eps), 1.0
+
+
+def _fira_residual(gm, r, n, p, g, s_prev, scale, gamma, *, first):
+    """Fira's scaled residual S and the limited norm kept for the next step (Fira eqs. 6-8)."""
+    phi = _rank_norm(n, g) / (_rank_norm(r, g) + 1e-8)  # φ: Fira channel-wise scaling
+    s = (gm - scale * project_back(r, p, g)) * phi  # S = (G - α Back(R)) ⊙ φ
+    s_norm = jnp.linalg.norm(s, axis=(-2, -1))  # [...]
+    limiter = jnp.maximum(s_norm / (s_prev + 1e-8), gamma) / gamma  # λ (Fira limiter)
+    limiter = jnp.where(first, 1.0, limiter)  # first step: only store
+    return s / limiter[..., None, None], s_norm / limiter
+
+
 def scale_by_galore(rank: int, gap: int, scale: float = 0.25, *, b1: float = 0.9,
                     b2: float = 0.999, eps: float = 1e-6, proj_side: str = "std",
                     residual: str = "none", gamma: float = 1.01, eps_mode: str = "torch",
@@ -189,14 +215,7 @@ def scale_by_galore(rank: int, gap: int, scale: float = 0.25, *, b1: float = 0.9
     is_geo = lambda x: isinstance(x, _Geo)  # noqa: E731
 
     def init(params):
-        gs = geos(params)
-        low = lambda g: jnp.zeros(_low_shape(g), jnp.float32)  # noqa: E731
-        return GaLoreState(
-            count=jnp.zeros((), jnp.int32),
-            mu=jax.tree.map(low, gs, is_leaf=is_geo), nu=jax.tree.map(low, gs, is_leaf=is_geo),
-            proj=jax.tree.map(lambda g: jnp.zeros(_proj_shape(g), jnp.float32), gs,
-                              is_leaf=is_geo),
-            rnorm=jax.tree.map(lambda g: jnp.zeros(g.batch, jnp.float32), gs, is_leaf=is_geo))
+        return _zero_state(geos(params))
 
     def update(updates, state, params=None):
         del params
@@ -217,19 +236,12 @@ def scale_by_galore(rank: int, gap: int, scale: float = 0.25, *, b1: float = 0.9
             r = project(gm, p, g)  # R_k = Pᵀ G or G P (GaLore Alg. 2: project)
             mu = b1 * mu + (1 - b1) * r  # M_k: Adam moments in the r-dim space
             nu = b2 * nu + (1 - b2) * r * r  # V_k
-            if eps_mode == "torch":
-                n, step = mu / (jnp.sqrt(nu) + eps), jnp.sqrt(bc2) / bc1
-            else:
-                n, step = (mu / bc1) / (jnp.sqrt(nu / bc2) + eps), 1.0
+            n, step = _adam_normalize(mu, nu, bc1, bc2, eps, eps_mode)
             d = scale * project_back(n, p, g)  # α·Back(N_k): project back, scale α
             if residual == "fira":
-                phi = _rank_norm(n, g) / (_rank_norm(r, g) + 1e-8)  # φ: Fira channel-wise scaling
-                s = (gm - scale * project_back(r, p, g)) * phi  # S = (G - α Back(R)) ⊙ φ
-                s_norm = jnp.linalg.norm(s, axis=(-2, -1))  # [...]
-                limiter = jnp.maximum(s_norm / (s_prev + 1e-8), gamma) / gamma  # λ (Fira limiter)
-                limiter = jnp.where(state.count == 0, 1.0, limiter)  # first step: only store
-                s = s / limiter[..., None, None]
-                d, s_prev = d + s, s_norm / limiter
+                s, s_prev = _fira_residual(gm, r, n, p, g, s_prev, scale, gamma,
+                                           first=state.count == 0)
+                d = d + s
             return _Out(d * step, mu, nu, s_prev)
 
         out = jax.tree.map(one, gs, mat, proj, state.mu, state.nu, state.rnorm, is_leaf=is_geo)
