@@ -31,8 +31,8 @@ import numpy as np
 
 from jaxlm.config import ASSETS, load_config
 from jaxlm.data import decompose, make_data_source
-from jaxlm.train.loop import evaluate, run
-from jaxlm.train.step import make_eval_step
+from jaxlm.train.loop import run
+from jaxlm.train.step import evaluate, make_eval_step
 from jaxlm.utils.flops import measure_peak_flops
 from jaxlm.utils.inspect import read_metrics
 
