@@ -25,7 +25,7 @@ import pytest
 
 from jaxlm.config import ConfigError, load_config
 from jaxlm.data import make_data_source
-from jaxlm.data.pipeline import train_iterator_from_rows
+from jaxlm.data.pipeline import train_dataset_from_rows
 from jaxlm.distributed import cluster_args
 from jaxlm.sharding import batch_shards_by_process, check_process_layout
 
@@ -66,8 +66,9 @@ class IdRows:
 
 def ids(n, batches, batch_size=8, process_index=0, process_count=1, seed=0):
     """Row ids of the first ``batches`` local batches of one process, [batches, local]."""
-    it = train_iterator_from_rows(IdRows(n), batch_size=batch_size, process_index=process_index,
-                                  process_count=process_count, seed=seed, shuffle=True)
+    it = iter(train_dataset_from_rows(IdRows(n), batch_size=batch_size,
+                                      process_index=process_index, process_count=process_count,
+                                      seed=seed, shuffle=True))
     return np.stack([next(it)["id"] for _ in range(batches)])
 
 

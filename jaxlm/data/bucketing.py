@@ -356,8 +356,8 @@ class DDDataSource(HeldOut):
 
     wants_total_steps = True  # the loop passes total_steps=train.steps (cycles span the run)
 
-    def train_iterator(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                       seed: int = 0, total_steps: int = 0) -> grain.DatasetIterator:
+    def train_dataset(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                      seed: int = 0, total_steps: int = 0) -> grain.IterDataset:
         """``total_steps``: the run length the curriculum's cycles span (0 = one pass over the
         data per set of cycles); see :func:`cycle_quota`."""
         local_batch_size(batch_size, process_count)
@@ -387,4 +387,4 @@ class DDDataSource(HeldOut):
                                  self.cfg.curriculum_weights)
         self.schedule = schedule
         ds = grain.MapDataset.select_from_datasets(datasets, schedule)
-        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))

@@ -130,8 +130,8 @@ class PackDataSource(HeldOut):
         self.stats = dict(train.stats, split_docs=self.train_chunks.split_docs,
                           train_docs=train.n_docs, val_docs=val.n_docs)
 
-    def train_iterator(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                       seed: int = 0) -> grain.DatasetIterator:
+    def train_dataset(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                      seed: int = 0) -> grain.IterDataset:
         local = local_batch_size(batch_size, process_count)
         ds = grain.MapDataset.source(self.train_chunks)[process_index::process_count]
         if len(ds) == 0:
@@ -146,4 +146,4 @@ class PackDataSource(HeldOut):
             it, length_struct={"inputs": L, "targets": L, "target_bytes": L},
             num_packing_bins=self.cfg.pack_bins or local, seed=seed,
             shuffle_bins=self.cfg.shuffle)
-        return iter(it.map(_finish).batch(local, drop_remainder=True))
+        return it.map(_finish).batch(local, drop_remainder=True)

@@ -62,6 +62,11 @@ class DataSource(Protocol):
         """Infinite, checkpointable iterator of batches of batch_size // process_count rows."""
         ...
 
+    def train_dataset(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                      seed: int = 0) -> grain.IterDataset:
+        """The grain dataset ``train_iterator`` iterates (what a mixture mixes)."""
+        ...
+
     def eval_batches(self, *, batch_size: int, num_batches: int, process_index: int = 0,
                      process_count: int = 1) -> list[dict]:
         """The same local validation batches on every call."""
@@ -130,10 +135,10 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
-def train_iterator_from_rows(rows, *, batch_size: int, process_index: int, process_count: int,
-                             seed: int, shuffle: bool) -> grain.DatasetIterator:
+def train_dataset_from_rows(rows, *, batch_size: int, process_index: int, process_count: int,
+                            seed: int, shuffle: bool) -> grain.IterDataset:
     """The shared grain pipeline: shuffle -> repeat forever -> blocks of ``local`` rows -> this
-    process's blocks (block k belongs to process k % process_count) -> iterator.
+    process's blocks (block k belongs to process k % process_count) -> IterDataset.
 
     The ``process_count`` blocks of global batch b are consecutive, so the global batch (the local
     batches concatenated in process order) does not depend on ``process_count``.
@@ -150,14 +155,20 @@ def train_iterator_from_rows(rows, *, batch_size: int, process_index: int, proce
     ds = ds.repeat(None).batch(local, drop_remainder=True)[process_index::process_count]
     # Small thread pool and buffer: batches are cheap slices, and a deep buffer only costs memory.
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-    return iter(ds.to_iter_dataset(read))
+    return ds.to_iter_dataset(read)
 
 
 class HeldOut:
-    """The one ``eval_batches`` of every mode: the first batches of ``self.val_rows`` (any
-    sequence of row dicts with a ``seq_len``), see :func:`eval_batches_from_rows`."""
+    """What every mode shares: ``eval_batches`` = the first batches of ``self.val_rows`` (any
+    sequence of row dicts with a ``seq_len``, see :func:`eval_batches_from_rows`), and
+    ``train_iterator(**kw)`` = ``iter(self.train_dataset(**kw))``. A mode defines
+    ``train_dataset``, the grain IterDataset of this process's batches, so that a mixture
+    (:mod:`jaxlm.data.mixture`) can mix the datasets of several sources."""
 
     val_rows: Sequence
+
+    def train_iterator(self, **kw) -> grain.DatasetIterator:
+        return iter(self.train_dataset(**kw))
 
     def eval_batches(self, *, batch_size: int, num_batches: int, process_index: int = 0,
                      process_count: int = 1) -> list[dict]:
@@ -188,9 +199,9 @@ class ConcatDataSource(HeldOut):
                     f"{split} split has {len(rows.tokens)} tokens but data.seq_len={cfg.seq_len} "
                     f"needs at least {cfg.seq_len + 1} (use more text or a smaller data.seq_len)")
 
-    def train_iterator(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                       seed: int = 0) -> grain.DatasetIterator:
-        return train_iterator_from_rows(
+    def train_dataset(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                      seed: int = 0) -> grain.IterDataset:
+        return train_dataset_from_rows(
             self.train_rows, batch_size=batch_size, process_index=process_index,
             process_count=process_count, seed=seed, shuffle=self.cfg.shuffle)
 
