@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 
 import yaml
 
@@ -91,11 +92,30 @@ CORPORA = {"shakespeare": DEFAULT_CORPUS,
            "wikitext2": os.path.join(ASSETS, "wikitext-2", "valid.txt")}
 
 
+_REMOTE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_LOCAL = "and pass the local path (a text file or a jaxlm-prepare directory)"
+_MOUNT_HINT = {
+    "gs": f"mount the bucket with gcsfuse (or copy it locally with gcloud storage cp) {_LOCAL}",
+    "s3": f"mount the bucket with a FUSE mount (mountpoint-s3, s3fs) or copy it locally {_LOCAL}",
+    "hf": "for a Hugging Face dataset run jaxlm-prepare with an hf: input (jaxlm-prepare "
+          "hf:NAME --out DIR) and pass DIR",
+    "http": f"download it (curl -O) {_LOCAL}",
+    "https": f"download it (curl -O) {_LOCAL}",
+    "": f"mount it with a FUSE filesystem or copy it locally {_LOCAL}",
+}
+
+
 def resolve_data_path(name_or_path: str, what: str = "data.path") -> str:
     """A file path as given, or the bundled corpus of that name (``shakespeare``, ``wikitext2``).
 
     An existing file wins over a name; a bare word (no ``/``, no ``.``) that is neither is a
-    ConfigError listing the names. Other paths are returned for the reader to report."""
+    ConfigError listing the names. A remote URL (``gs://``, ``s3://``, ``hf://``, ``https://``,
+    any ``scheme://``) is a ConfigError: jaxlm reads local paths only. Other paths are returned
+    for the reader to report."""
+    remote = _REMOTE.match(name_or_path or "")
+    if remote and not os.path.exists(name_or_path):
+        raise ConfigError(f"{what}: {name_or_path} is a remote URL, which jaxlm does not read "
+                          f"directly; {_MOUNT_HINT.get(remote.group(1).lower(), _MOUNT_HINT[''])}")
     if (not name_or_path or os.path.exists(name_or_path)
             or any(c in name_or_path for c in ("/", ".", os.sep))):
         return name_or_path

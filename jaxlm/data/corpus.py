@@ -251,12 +251,21 @@ def _build_cache(path, fmt, separator, field, tokenizer, final, what) -> None:
 
 
 def load_splits(cfg, tokenizer: Tokenizer) -> tuple[TokenCorpus, TokenCorpus]:
-    """(train, val) corpora for a DataConfig: ``val_path`` if set, else a document split."""
+    """(train, val) corpora for a DataConfig: ``val_path`` if set, else the val split of a prepared
+    corpus (:mod:`jaxlm.data.prepared`) if it has one, else a document split."""
     from jaxlm.config import DEFAULT_CORPUS
+    from jaxlm.data import prepared  # here, not at the top: prepared.py builds on this module
 
     kw = dict(fmt=cfg.format, separator=cfg.doc_separator, text_field=cfg.text_field,
               cache_dir=cfg.cache_dir, tokenizer_path=cfg.tokenizer_path)
-    train = load_corpus(cfg.path or DEFAULT_CORPUS, tokenizer, **kw)
+    path = cfg.path or DEFAULT_CORPUS
+    pc = prepared.open_if_prepared(path, tokenizer, "data.path")
+    train = pc.corpus("train") if pc else load_corpus(path, tokenizer, **kw)
     if cfg.val_path:
+        vc = prepared.open_if_prepared(cfg.val_path, tokenizer, "data.val_path", need_train=False)
+        if vc is not None:
+            return train, vc.corpus(vc.heldout_split())
         return train, load_corpus(cfg.val_path, tokenizer, what="data.val_path", **kw)
+    if pc is not None and pc.has("val"):
+        return train, pc.corpus("val")
     return train.split(cfg.val_fraction)

@@ -7,7 +7,8 @@ A batch is a dict of numpy arrays, each of shape [local_batch, seq_len]:
 - ``loss_mask`` float32: 1 where the target counts;
 - ``target_bytes`` int32: ``tokenizer.token_bytes[targets] * loss_mask``, for exact bits-per-byte.
 
-Mode ``concat`` (concat-and-chunk, nanoGPT style): the whole file is one token stream, cut into
+Mode ``concat`` (concat-and-chunk, nanoGPT style): the whole file (or a prepared corpus's split,
+read lazily from its shards: :mod:`jaxlm.data.prepared`) is one token stream, cut into
 windows of ``seq_len + 1`` tokens taken with stride ``seq_len``. Neighbouring windows overlap by one
 token, so every token after the first is a target exactly once per epoch and nothing is dropped
 except the tail shorter than a window. Validation is ``data.val_path`` if set, else the last
@@ -177,27 +178,39 @@ class HeldOut:
 
 
 class ConcatDataSource(HeldOut):
-    """Concat-and-chunk over one text file (see the module docstring)."""
+    """Concat-and-chunk over one text file or a prepared corpus (see the module docstring)."""
 
     def __init__(self, cfg: DataConfig):
+        from jaxlm.data import prepared  # here, not at the top: prepared.py builds on this module
+
         self.cfg = cfg
         self.tokenizer = get_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
-        path = cfg.path or DEFAULT_CORPUS
-        tokens = self.tokenizer.encode(read_text(path, "data.path"))  # [n] int32
-        if cfg.val_path:
-            train = tokens
-            val = self.tokenizer.encode(read_text(cfg.val_path, "data.val_path"))
-        else:  # nanoGPT split: first (1 - val_fraction) of the tokens train, the rest val
-            n_train = int(len(tokens) * (1 - cfg.val_fraction))
-            train, val = tokens[:n_train], tokens[n_train:]
+        train, val = self._token_splits(cfg, prepared)
         tb = self.tokenizer.token_bytes
-        self.train_rows = Windows(train, cfg.seq_len, tb)
-        self.val_rows = Windows(val, cfg.seq_len, tb)
+        self.train_rows = prepared.rows_over(train, cfg.seq_len, tb)
+        self.val_rows = prepared.rows_over(val, cfg.seq_len, tb)
         for split, rows in (("train", self.train_rows), ("val", self.val_rows)):
             if len(rows) == 0:
                 raise ConfigError(
                     f"{split} split has {len(rows.tokens)} tokens but data.seq_len={cfg.seq_len} "
                     f"needs at least {cfg.seq_len + 1} (use more text or a smaller data.seq_len)")
+
+    def _token_splits(self, cfg: DataConfig, prepared) -> tuple:
+        """(train, val) token streams: int32 arrays from text, lazy ShardedTokens from a
+        prepared corpus (its val split, if any, is the validation split)."""
+        tok = self.tokenizer
+        path = cfg.path or DEFAULT_CORPUS
+        corpus = prepared.open_if_prepared(path, tok, "data.path")
+        tokens = corpus.tokens("train") if corpus else tok.encode(read_text(path, "data.path"))
+        if cfg.val_path:
+            vc = prepared.open_if_prepared(cfg.val_path, tok, "data.val_path", need_train=False)
+            val = (vc.tokens(vc.heldout_split()) if vc
+                   else tok.encode(read_text(cfg.val_path, "data.val_path")))
+            return tokens, val
+        if corpus is not None and corpus.has("val"):
+            return tokens, corpus.tokens("val")
+        # nanoGPT split: first (1 - val_fraction) of the tokens train, the rest val
+        return prepared.split_stream(tokens, int(len(tokens) * (1 - cfg.val_fraction)))
 
     def train_dataset(self, *, batch_size: int, process_index: int = 0, process_count: int = 1,
                       seed: int = 0) -> grain.IterDataset:
