@@ -41,6 +41,7 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 0  # 0 = same as n_heads (no GQA)
+    head_dim: int = 0  # per-head width K; 0 = d_model // n_heads (attention: D -> H*K -> D)
     d_ff: int = 1024  # SwiGLU hidden width
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -73,8 +74,9 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def attn_head_dim(self) -> int:
+        """The per-head width K actually used: ``head_dim``, or ``d_model // n_heads`` when 0."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass(frozen=True)
@@ -420,12 +422,17 @@ def _check_model(m: ModelConfig) -> None:
                           "model.attn_impl=fused does not expose; use model.attn_impl=reference")
     if m.vocab_size < 0:
         raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 0 (0 = from tokenizer)")
-    if m.d_model % m.n_heads:
+    if m.head_dim < 0:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be >= 0 (0 = d_model / n_heads)")
+    if m.head_dim and m.head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even for RoPE; e.g. "
+                          f"model.head_dim={m.head_dim + 1}")
+    if not m.head_dim and m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}"
                           "; choose n_heads that divides d_model")
-    if m.head_dim % 2:
-        raise ConfigError(f"head dim d_model/n_heads={m.head_dim} must be even for RoPE; change "
-                          "model.d_model or model.n_heads")
+    if m.attn_head_dim % 2:
+        raise ConfigError(f"head dim d_model/n_heads={m.attn_head_dim} must be even for RoPE; "
+                          "change model.d_model or model.n_heads")
     if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
         raise ConfigError(
             f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}; "

@@ -141,3 +141,19 @@ def test_sweep_ranks_fitting_meshes_by_step_time():
     big = _cfg("model.d_model=8192", "model.n_heads=64", "model.n_kv_heads=64",
                "model.d_ff=32768", "model.n_layers=64")
     assert run(big, "v5e-4", sweep=True, analytic=True) == []
+
+
+def test_head_dim_wider_than_d_model_over_heads_is_counted_exactly():
+    """model.head_dim=32 with d_model 64, 4 heads (H*K = 128): the analytic params and FLOPs
+    use the real K — equal to the sharded state's bytes and to the compiled HLO's FLOPs."""
+    cfg = _cfg("model.head_dim=32", "mesh.fsdp=4")
+    spec = build_spec(cfg, jax.devices()[:4])
+    state = spec.init()
+    assert set(bytes_per_device(state["params"]).values()) == {estimate.state_bytes(spec)["params"]}
+    one = planner.abstract_spec(_cfg("model.head_dim=32", "mesh.fsdp=1"), 1)
+    assert estimate.state_bytes(one)["params"] == 4 * param_count(cfg.model, 256)
+    assert param_count(cfg.model, 256) > param_count(_cfg().model, 256)
+    out = compile_train_step(cfg, jax.devices()[:4])
+    a = hlo.analyze(out.compiled.as_text(), dict(out.spec.mesh.shape))
+    assert a.flops == flops_per_token(cfg.model, 256, 64) * 8 * 64 / 4
+    assert planner.model_flops_per_step(cfg) == flops_per_token(cfg.model, 256, 64) * 8 * 64

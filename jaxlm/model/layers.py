@@ -59,10 +59,13 @@ class MLP(nnx.Module):
 
 
 class SoftmaxAttention(nnx.Module):
-    """GQA softmax attention with RoPE; W_q[D_fsdp, H_tensor, K], W_o[H_tensor, K, D_fsdp]."""
+    """GQA softmax attention with RoPE; W_q[D_fsdp, H_tensor, K], W_o[H_tensor, K, D_fsdp].
+
+    K = ``model.head_dim`` (0: D / H), so H*K need not equal D (e.g. 64 heads of 128 at D=4096)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs, layer: int = 0):
-        d, h, kv, hd, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.init_std
+        d, h, kv, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.init_std
+        hd = cfg.attn_head_dim  # K: model.head_dim, or d_model // n_heads
         self.theta, self.impl, self.dropout = cfg.rope_theta, cfg.attn_impl, cfg.dropout
         self.wq = make_dense(cfg, (d,), (h, hd), ("embed", "heads", "head_dim"), std=std,
                              rngs=rngs)

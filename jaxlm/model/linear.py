@@ -109,7 +109,7 @@ class LinearAttention(nnx.Module):
     ``features`` (q, k, v, log-decay), ``finish`` (what is applied to the kernel output)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs, layer=0):
-        d, h, hd, std = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.init_std
+        d, h, hd, std = cfg.d_model, cfg.n_heads, cfg.attn_head_dim, cfg.init_std
         self.cfg, self.layer, self.chunk = cfg, layer, cfg.linear_chunk
         if cfg.kv_heads != cfg.n_heads:
             raise ValueError(f"model.attention={cfg.attention} needs n_kv_heads == n_heads")
@@ -214,9 +214,9 @@ class TNLAttention(LinearAttention):
     def init_extra(self, cfg, proj, rngs):
         self.wu = proj()
         if cfg.tnl_lrpe:
-            hk = cfg.n_heads * cfg.head_dim
+            hk = cfg.n_heads * cfg.attn_head_dim
             theta = 10000.0 ** (-2.0 * jnp.arange(hk, dtype=jnp.float32) / hk)
-            self.lrpe_theta = nnx.Param(theta.reshape(cfg.n_heads, cfg.head_dim),
+            self.lrpe_theta = nnx.Param(theta.reshape(cfg.n_heads, cfg.attn_head_dim),
                                         out_sharding=("heads", "head_dim"), eager_sharding=False)
 
     def state_dims(self):

@@ -88,7 +88,7 @@ def activation_bytes(cfg, mesh_shape: dict) -> int:
     rows = cfg.train.batch_size // cfg.train.grad_accum
     b = max(rows // (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)), 1)
     tokens, s = b * cfg.data.seq_len, 2 if m.dtype == "bfloat16" else 4
-    d, f, hd = m.d_model, m.d_ff / t, m.head_dim
+    d, f, hd = m.d_model, m.d_ff / t, m.attn_head_dim
     qkv = (m.n_heads + 2 * m.kv_heads) * hd / t
     per_layer = {
         "none": s * (4 * d + 3 * qkv + 4 * f) + 8 * (m.n_heads / t) * cfg.data.seq_len,

@@ -59,7 +59,7 @@ def model_flops_per_step(cfg: Config) -> float:
 
 def _attention_flops(cfg: Config) -> float:
     m = cfg.model
-    return 12.0 * m.n_layers * m.n_heads * m.head_dim * cfg.data.seq_len
+    return 12.0 * m.n_layers * m.n_heads * m.attn_head_dim * cfg.data.seq_len
 
 
 def recompute_factor(cfg: Config) -> float:

@@ -1,7 +1,7 @@
 """Parameter count, training FLOPs per token, a matmul peak-FLOP/s probe, and state memory.
 
-Parameter count of the LLaMA model (``hd = d_model // n_heads``, ``KV = kv_heads``,
-``F = d_ff``, ``L = n_layers``, ``V`` = padded vocabulary)::
+Parameter count of the LLaMA model (``hd = model.head_dim or d_model // n_heads``,
+``KV = kv_heads``, ``F = d_ff``, ``L = n_layers``, ``V`` = padded vocabulary)::
 
     N_total = V*D                                        # token embedding
             + L * (D*H*hd + 2*D*KV*hd + H*hd*D           # wq, wk, wv, wo (no biases)
@@ -48,7 +48,7 @@ from jaxlm.utils.trees import leaf_bytes
 
 
 def _layer_matmul_params(m: ModelConfig) -> int:
-    d, hd = m.d_model, m.head_dim
+    d, hd = m.d_model, m.attn_head_dim
     attn = d * (m.n_heads * hd) + 2 * d * (m.kv_heads * hd) + (m.n_heads * hd) * d
     return attn + 3 * d * m.d_ff
 
@@ -65,7 +65,7 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int) -> fl
     """Training (fwd+bwd) FLOPs per token: ``6*N_matmul + 12*L*H*hd*T`` (module docstring)."""
     m = model_cfg
     n_matmul = m.n_layers * _layer_matmul_params(m) + m.d_model * vocab_size
-    attention = 12 * m.n_layers * m.n_heads * m.head_dim * seq_len
+    attention = 12 * m.n_layers * m.n_heads * m.attn_head_dim * seq_len
     return float(6 * n_matmul + attention)
 
 
