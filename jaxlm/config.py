@@ -80,6 +80,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One source of a weighted mixture (``data.sources``; jaxlm/data/mixture.py)."""
+    name: str = ""  # names its eval metrics: eval_bpb/<name>
+    path: str = ""  # a prepared corpus (jaxlm-prepare) or a text file, like data.path
+    weight: float = 0.0  # relative sampling weight (> 0; normalised over the sources)
+    val_path: str = ""  # its held-out data; "" = its own val split, like data.val_path
+
+
+@dataclass(frozen=True)
 class DataConfig:
     # -- bucketing / packing (jaxlm/data/bucketing.py) --
     format: str = "auto"  # pack/dd corpus: auto (by extension) | text | jsonl | arrayrecord
@@ -101,6 +110,8 @@ class DataConfig:
     tokenizer_path: str = ""  # gpt2: dir with vocab.json+merges.txt; sentencepiece: .model ("" = bundled)
     mode: str = "concat"  # concat (bucketing/packing modes plug in here)
     shuffle: bool = True
+    # weighted mixture: [{name, path, weight}, ...] instead of data.path (jaxlm/data/mixture.py)
+    sources: tuple[SourceConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -233,11 +244,25 @@ def _build(cls, data: dict, prefix: str = ""):
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value or {}, f"{prefix}{key}.")
+        elif typing.get_origin(typ) is tuple:  # data.sources: a list of mappings
+            kwargs[key] = _build_list(typing.get_args(typ)[0], value, prefix + key)
         else:
             kwargs[key] = _coerce(prefix + key, value, typ)
-            if prefix + key in _PATH_KEYS:  # `data.path=~/x`: the shell expands ~ only in out_dir=
+            if prefix + key in _PATH_KEYS or (prefix.startswith("data.sources[")  # ~ expanded
+                                              and key in ("path", "val_path")):  # like data.path
                 kwargs[key] = os.path.expanduser(kwargs[key])
     return cls(**kwargs)
+
+
+def _build_list(cls, value, key: str) -> tuple:
+    """A YAML list of mappings -> a tuple of ``cls`` (``data.sources``)."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. "
+                          f"{key}='[{{name: a, path: DIR_A, weight: 0.8}}, "
+                          "{name: b, path: DIR_B, weight: 0.2}]')")
+    return tuple(_build(cls, item, f"{key}[{i}].") for i, item in enumerate(value))
 
 
 def _set_path(tree: dict, dotted: str, value) -> None:
@@ -299,7 +324,12 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """Nested plain dicts (tuples of sections, e.g. ``data.sources``, become lists for YAML)."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return plain(dataclasses.asdict(cfg))
 
 
 def to_yaml(cfg: Config) -> str:
@@ -318,7 +348,7 @@ _CHOICES = {
     "model.attn_impl": ("reference", "fused"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),
-    "data.tokenizer": ("byte", "gpt2", "sentencepiece"),
+    "data.tokenizer": ("byte", "gpt2", "sentencepiece", "hf"),
     "data.mode": ("concat", "pack", "dd"),
     "data.curriculum_weights": ("paper", "repo"),
     "data.dd_overflow": ("random", "greedy"),
@@ -374,6 +404,7 @@ def validate(cfg: Config) -> Config:
     _check_model(cfg.model)
     _check_train(cfg)
     _check_cluster(cfg)
+    _check_sources(cfg.data)
     return cfg
 
 
@@ -479,3 +510,27 @@ def _check_cluster(cfg: Config) -> None:
         raise ConfigError("coordinator_address / num_processes / process_id are set but "
                           "distributed=false; add distributed=true")
     check_mesh_sizes(cfg.mesh)
+
+
+def _check_sources(d: DataConfig) -> None:
+    """``data.sources``: unique metric-safe names, paths, positive weights; not with data.path."""
+    if not d.sources:
+        return
+    if d.path or d.val_path:
+        raise ConfigError("data.sources replaces data.path / data.val_path; set one or the other "
+                          "(give each source its own path and val_path)")
+    seen = set()
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if not s.name or not all(c.isalnum() or c in "-_." for c in s.name):
+            raise ConfigError(f"{key}.name={s.name!r}: give every source a name of letters, "
+                              "digits, '-', '_' or '.' (it names the eval_bpb/<name> metric)")
+        if s.name in seen:
+            raise ConfigError(f"{key}.name={s.name!r} is used twice; source names must be unique")
+        seen.add(s.name)
+        if not s.path:
+            raise ConfigError(f"{key} ({s.name}) has no path; set path: to a prepared corpus "
+                              "directory or a text file")
+        if not (s.weight > 0 and math.isfinite(s.weight)):
+            raise ConfigError(f"{key}.weight={s.weight} ({s.name}) must be a positive number "
+                              "(weights are relative; e.g. 0.9 and 0.1)")

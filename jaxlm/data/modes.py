@@ -3,6 +3,7 @@
 ``concat`` (:class:`jaxlm.data.pipeline.ConcatDataSource`: concat-and-chunk, nanoGPT style),
 ``pack`` (:class:`jaxlm.data.packing.PackDataSource`: whole documents first-fit packed with
 document masks) and ``dd`` (:class:`jaxlm.data.bucketing.DDDataSource`: Dataset Decomposition).
+``data.sources`` mixes several sources in one mode (:class:`jaxlm.data.mixture.MixtureDataSource`).
 A plug-in adds its own with :func:`register_data_mode`; a builder maps a :class:`DataConfig` to
 any object that follows the :class:`jaxlm.data.pipeline.DataSource` protocol.
 
@@ -19,6 +20,7 @@ from typing import Callable
 
 from jaxlm.config import ConfigError, DataConfig, register_choice
 from jaxlm.data.bucketing import DDDataSource
+from jaxlm.data.mixture import MixtureDataSource
 from jaxlm.data.packing import PackDataSource
 from jaxlm.data.pipeline import ConcatDataSource, DataSource
 
@@ -36,4 +38,6 @@ def make_data_source(cfg: DataConfig) -> DataSource:
     """Build the data source for ``cfg.mode`` (tokenizes the corpus now). Raises ConfigError."""
     if cfg.mode not in MODES:
         raise ConfigError(f"data.mode={cfg.mode!r} is not one of: {', '.join(sorted(MODES))}")
+    if cfg.sources:  # a weighted mixture of sources, each read in this mode
+        return MixtureDataSource(cfg, MODES[cfg.mode])
     return MODES[cfg.mode](cfg)

@@ -43,6 +43,7 @@ import contextlib
 import json
 import logging
 import os
+from functools import partial
 
 import jax
 
@@ -58,7 +59,7 @@ from jaxlm.train.lock import acquire_run_lock
 from jaxlm.train.log_window import LogWindow
 from jaxlm.train.signals import StopFlag
 from jaxlm.train.state import StateSpec, resolve_vocab
-from jaxlm.train.step import evaluate, make_eval_step, make_train_step
+from jaxlm.train.step import evaluate, evaluate_groups, make_eval_step, make_train_step
 from jaxlm.utils.flops import estimate_state_bytes, format_bytes, measure_peak_flops
 from jaxlm.utils.metrics import MetricWriter
 
@@ -219,10 +220,15 @@ def eval_and_log(evaluator, params, writer: MetricWriter, step: int, *, final: b
         log.warning("step %d: the held-out batches hold no target tokens; no eval metrics "
                     "written", step)
         return None
-    writer.write(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"], "eval_bpb": ev["bpb"]})
+    metrics = {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"], "eval_bpb": ev["bpb"]}
+    for name, m in ev.get("sources", {}).items():  # a mixture: eval_bpb/<name> per source
+        metrics.update({f"eval_loss/{name}": m["loss"], f"eval_bpb/{name}": m["bpb"]})
+    writer.write(step, metrics)
     if final:
         log.info("step %d: eval loss %.4f  ppl %.2f  bpb %.4f", step, ev["loss"], ev["ppl"],
                  ev["bpb"])
+        for name, m in ev.get("sources", {}).items():
+            log.info("step %d: eval %s: loss %.4f  bpb %.4f", step, name, m["loss"], m["bpb"])
     return ev
 
 
@@ -253,12 +259,13 @@ def make_evaluator(cfg: Config, spec: StateSpec, data, mesh):
     if cfg.train.eval_batches == 0:
         log.info("eval is off (train.eval_batches=0): no eval metrics will be reported")
         return None
-    batches = data.eval_batches(
-        batch_size=cfg.train.batch_size // cfg.train.grad_accum,
-        num_batches=cfg.train.eval_batches, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    eval_step = make_eval_step(spec)
-    return lambda params: evaluate(eval_step, params, batches, mesh)
+    kw = dict(batch_size=cfg.train.batch_size // cfg.train.grad_accum,
+              num_batches=cfg.train.eval_batches, process_index=jax.process_index(),
+              process_count=jax.process_count())
+    if hasattr(data, "eval_groups"):  # a mixture: each source's held-out set, then pooled
+        return partial(evaluate_groups, make_eval_step(spec), groups=data.eval_groups(**kw),
+                       mesh=mesh)
+    return partial(evaluate, make_eval_step(spec), batches=data.eval_batches(**kw), mesh=mesh)
 
 
 def run(cfg: Config) -> dict:

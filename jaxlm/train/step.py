@@ -124,11 +124,32 @@ def evaluate(eval_fn, params, batches, mesh) -> dict | None:
 
         loss = Σ nll / Σ tokens,   ppl = exp(loss),   bpb = Σ nll / (ln 2 · Σ target bytes)
     """
+    return eval_metrics(eval_totals(eval_fn, params, batches, mesh))
+
+
+def eval_totals(eval_fn, params, batches, mesh) -> dict:
+    """{"nll_sum", "tokens", "bytes"} summed over ``batches`` (sums of several sets add up)."""
     totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
     outs = [eval_fn(params, host_to_global(b, mesh)) for b in batches]
     for out in jax.device_get(outs):
         for k in totals:
             totals[k] += float(out[k])
+    return totals
+
+
+def evaluate_groups(eval_fn, params, groups: dict, mesh) -> dict | None:
+    """:func:`evaluate` of several held-out sets ``{name: batches}`` pooled (Σ over all sets),
+    with each set's own metrics under ``"sources"`` (a set with no target token is left out)."""
+    per = {name: eval_totals(eval_fn, params, b, mesh) for name, b in groups.items()}
+    pooled = {k: sum(t[k] for t in per.values()) for k in ("nll_sum", "tokens", "bytes")}
+    ev = eval_metrics(pooled)
+    if ev is not None:
+        ev["sources"] = {n: m for n, t in per.items() if (m := eval_metrics(t)) is not None}
+    return ev
+
+
+def eval_metrics(totals: dict) -> dict | None:
+    """Totals -> loss, ppl, bpb, tokens (the formulas of :func:`evaluate`); None if empty."""
     if totals["tokens"] <= 0 or totals["bytes"] <= 0:
         return None
     loss = totals["nll_sum"] / totals["tokens"]
