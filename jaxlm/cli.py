@@ -1,15 +1,22 @@
-"""Command-line entry points: ``jaxlm-train``, ``jaxlm-sample``, ``jaxlm-eval``.
+"""Command-line entry points: ``jaxlm-train``, ``jaxlm-sample``, ``jaxlm-eval``, ``jaxlm-prepare``.
 
 Each is ``main(argv) -> exit code`` around a plain function that notebooks call directly
-(``jaxlm.train.loop.run``, ``jaxlm.sample.sample_text``, ``jaxlm.eval.evaluate_file``). User errors
+(``jaxlm.train.loop.run``, ``jaxlm.sample.sample_text``, ``jaxlm.eval.evaluate_file``,
+``jaxlm.data.prepare.prepare``). User errors
 (bad config, missing files, impossible mesh) print one ``error: …`` line and exit 2.
 
     jaxlm-train [CONFIG.yaml|PRESET] [section.key=value ...]   # no args: the shakespeare preset
         (one config, first: a .yaml after the overrides is an error; a config path with '='
         in it is still the config if it exists or ends in .yaml and is not key=value)
     jaxlm-sample --ckpt OUT_DIR --prompt "ROMEO:" [--temperature 0.8 --top-k 40 --top-p 0.95]
-    jaxlm-eval --ckpt OUT_DIR --data FILE|shakespeare
-    python -m jaxlm.cli {train,sample,eval} ...
+    jaxlm-eval --ckpt OUT_DIR [--data FILE|shakespeare]   # no --data: the run's held-out data
+    jaxlm-prepare INPUT... --out DIR [--tokenizer byte|gpt2|sentencepiece|hf] [--tokenizer-path P]
+        [--num-proc N] [--text-field F] [--val-fraction X] [--docs-per-shard N]
+        [--hf-config C] [--hf-split S] [--no-progress]
+        (INPUT: .txt/.jsonl/.jsonl.gz/.parquet files, directories, globs, hf:NAME_OR_PATH; ends
+        with `prepared docs= tokens= shards= val_docs= skipped= tokens_per_s=`: docs, tokens and
+        shards of both splits, tokens_per_s = the corpus' tokens / this run's wall time)
+    python -m jaxlm.cli {train,sample,eval,prepare} ...
 """
 
 from __future__ import annotations
@@ -152,10 +159,12 @@ def _print_text(text: str) -> None:
 
 
 def _eval(argv) -> int:
-    p = _Parser(prog="jaxlm-eval", description="Evaluate a checkpoint on a file.")
+    p = _Parser(prog="jaxlm-eval", description="Evaluate a checkpoint on a file, or on the "
+                "run's own held-out data (every source of a mixture) when --data is not given.")
     p.add_argument("--ckpt", required=True, help="the out_dir of a training run")
-    p.add_argument("--data", required=True,
-                   help="a UTF-8 text file or a bundled corpus (shakespeare, wikitext2)")
+    p.add_argument("--data", default="",
+                   help="a UTF-8 text file or a bundled corpus (shakespeare, wikitext2); "
+                   "omitted: the run's held-out split(s), eval_bpb/<name> per mixture source")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole file")
     p.add_argument("--seq-len", type=int, default=0,
@@ -165,6 +174,8 @@ def _eval(argv) -> int:
         raise ConfigError(f"jaxlm-eval: --batch-size {a.batch_size}, --max-batches "
                           f"{a.max_batches} and --seq-len {a.seq_len} must be >= 0 (0 = default / "
                           "the whole file)")
+    if not a.data:
+        return _eval_run(a)
     from jaxlm.config import resolve_data_path
 
     data = resolve_data_path(a.data, "jaxlm-eval: --data")
@@ -183,6 +194,60 @@ def _eval(argv) -> int:
     return 0
 
 
+def _eval_run(a) -> int:
+    """jaxlm-eval without --data: the run's held-out data; a mixture prints one line per source."""
+    if a.seq_len:
+        raise ConfigError("jaxlm-eval: --seq-len needs --data (the run's held-out data is scored "
+                          "at its training length)")
+    from jaxlm.eval import evaluate_run
+
+    r = evaluate_run(a.ckpt, batch_size=a.batch_size, max_batches=a.max_batches)
+    print(f"tokens={r['tokens']}")
+    print(f"loss={r['loss']:.4f} ppl={r['ppl']:.3f} bpb={r['bpb']:.4f}")
+    for name, m in r.get("sources", {}).items():
+        print(f"eval_bpb/{name}={m['bpb']:.4f} eval_loss/{name}={m['loss']:.4f} "
+              f"tokens/{name}={m['tokens']}")
+    return 0
+
+
+def _prepare(argv) -> int:
+    p = _Parser(prog="jaxlm-prepare",
+                description="Tokenize raw text into a sharded corpus (see jaxlm/data/prepare.py).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".txt/.jsonl/.jsonl.gz/.parquet files, directories, globs, hf:NAME_OR_PATH")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", default="byte", choices=("byte", "gpt2", "sentencepiece", "hf"))
+    p.add_argument("--tokenizer-path", default="",
+                   help="gpt2: dir with vocab.json+merges.txt; sentencepiece: .model; "
+                        "hf: tokenizer.json or its dir ('' = bundled)")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--text-field", default="text", help="jsonl/parquet/hf text column")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="held-out fraction of documents, by content hash, in [0, 1)")
+    p.add_argument("--docs-per-shard", type=int, default=65536)
+    p.add_argument("--hf-config", default="", help="hf: inputs' dataset config name")
+    p.add_argument("--hf-split", default="train", help="hf: inputs' split")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    import shlex
+    import time
+
+    from jaxlm.data.prepare import prepare
+
+    t0 = time.perf_counter()
+    m = prepare(a.inputs, a.out, tokenizer=a.tokenizer, tokenizer_path=a.tokenizer_path,
+                num_proc=a.num_proc, text_field=a.text_field, val_fraction=a.val_fraction,
+                docs_per_shard=a.docs_per_shard, hf_config=a.hf_config, hf_split=a.hf_split,
+                progress=not a.no_progress, command=shlex.join(["jaxlm-prepare", *argv]))
+    sp = m["splits"]
+    tokens = sp["train"]["tokens"] + sp["val"]["tokens"]
+    print(f"prepared docs={sp['train']['docs'] + sp['val']['docs']} tokens={tokens} "
+          f"shards={len(sp['train']['shards']) + len(sp['val']['shards'])} "
+          f"val_docs={sp['val']['docs']} skipped={sum(m['skipped'].values())} "
+          f"tokens_per_s={tokens / max(time.perf_counter() - t0, 1e-9):.0f} out={a.out}")
+    return 0
+
+
 def train_main(argv=None) -> int:
     return _guard(_train, sys.argv[1:] if argv is None else argv)
 
@@ -195,7 +260,12 @@ def eval_main(argv=None) -> int:
     return _guard(_eval, sys.argv[1:] if argv is None else argv)
 
 
-COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main}
+def prepare_main(argv=None) -> int:
+    return _guard(_prepare, sys.argv[1:] if argv is None else argv)
+
+
+COMMANDS = {"train": train_main, "sample": sample_main, "eval": eval_main,
+            "prepare": prepare_main}
 
 
 def main(argv=None) -> int:
