@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxlm.cli import train_main
+from jaxlm.cli import eval_main, train_main
 from jaxlm.config import ConfigError, DataConfig, load_config
 from jaxlm.data.mixture import MixtureDataSource
 from jaxlm.data.modes import make_data_source
@@ -139,7 +139,7 @@ def test_real_sources_in_every_mode(tmp_path, mode):
         assert src.batch_shapes(8)  # the union of the sources' DD shapes
 
 
-def test_training_logs_eval_bpb_per_source(tmp_path):
+def test_training_logs_eval_bpb_per_source(tmp_path, capsys):
     out = tmp_path / "run"
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("to be or not to be, that is the question. " * 200)
@@ -154,6 +154,13 @@ def test_training_logs_eval_bpb_per_source(tmp_path):
         per = [e["eval_bpb/prose"], e["eval_bpb/digits"]]
         assert min(per) <= e["eval_bpb"] <= max(per)  # the pooled value lies between
     assert evals[1]["eval_bpb/digits"] < evals[0]["eval_bpb/digits"]  # it learns both
+    # jaxlm-eval without --data scores the same held-out sets: the same numbers as the loop
+    assert eval_main(["--ckpt", str(out), "--max-batches", "2"]) == 0
+    lines = dict(kv.split("=") for ln in capsys.readouterr().out.splitlines()
+                 for kv in ln.split() if "/" in kv.split("=")[0])
+    for name in ("prose", "digits"):
+        assert float(lines[f"eval_bpb/{name}"]) == pytest.approx(evals[1][f"eval_bpb/{name}"],
+                                                                  abs=1e-4)
 
 
 @pytest.mark.parametrize("sources,needle", [
