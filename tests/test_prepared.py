@@ -172,3 +172,152 @@ def test_pack_and_dd_equal_the_raw_corpus(mode, tmp_path):
                 assert len(t) == 32 or x["targets"][t[-1]] == EOT
             multi += x["segment_ids"].max() > 1
         assert multi > 0  # some row packs several documents
+
+
+def _one_line_error(fn, *args, **kw) -> str:
+    with pytest.raises(ConfigError) as e:
+        fn(*args, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def _break(d, what):
+    mpath = os.path.join(d, "manifest.json")
+    m = json.load(open(mpath))
+    if what == "tokenizer":  # made with the GPT-2 tokenizer
+        gpt2 = get_tokenizer("gpt2")
+        m["tokenizer"].update(name="gpt2", fingerprint=gpt2.fingerprint(), vocab_size=50257,
+                              eos_id=50256)
+    elif what == "version":
+        m["jaxlm_prepared"] = 99
+    elif what == "missing":
+        os.remove(os.path.join(d, "train-00001.bin"))
+    elif what == "truncated":
+        with open(os.path.join(d, "train-00001.bin"), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) - 2)
+    json.dump(m, open(mpath, "w"))
+
+
+@pytest.mark.parametrize("what,expect", [
+    ("tokenizer", "was prepared with tokenizer gpt2 (vocab 50257) but this run uses byte (vocab "
+                  "257): prepare again with --tokenizer byte or set data.tokenizer=gpt2"),
+    ("version", "has format version 99 but this jaxlm reads version 1"),
+    ("missing", "missing or truncated shard {d}/train-00001.bin of split train (missing): re-run "
+                "jaxlm-prepare with the same arguments to finish it"),
+    ("truncated", "missing or truncated shard {d}/train-00001.bin of split train (10 bytes, "
+                  "expected 12): re-run jaxlm-prepare with the same arguments to finish it"),
+])
+@pytest.mark.parametrize("mode", ["concat", "dd"])
+def test_bad_prepared_corpus_is_one_line(what, expect, mode, tmp_path):
+    d = _write_prepared(str(tmp_path / "c"), ["ab", "cd", "e", "fg"], docs_per_shard=2)
+    _break(d, what)
+    msg = _one_line_error(make_data_source, DataConfig(path=d, mode=mode, seq_len=2, min_bucket=2))
+    assert expect.format(d=d) in msg and msg.startswith("data.path: ")
+
+
+def test_empty_train_split_and_remote_paths(tmp_path, capsys):
+    from jaxlm.cli import train_main
+
+    d = _write_prepared(str(tmp_path / "e"), [], ["only val"])
+    assert "the train split of" in _one_line_error(open_prepared, d, BYTE)
+    for mode in ("concat", "pack"):
+        for url in ("gs://bucket/corpus", "s3://b/c", "hf://datasets/x", "https://x.org/a.txt"):
+            msg = _one_line_error(make_data_source, DataConfig(path=url, mode=mode))
+            assert msg.startswith(f"data.path: {url} is a remote URL")
+    assert "gcsfuse" in msg or "curl" in msg
+    msg = _one_line_error(make_data_source, DataConfig(path="gs://b/c"))
+    assert "mount the bucket with gcsfuse" in msg
+    assert "jaxlm-prepare with an hf: input" in _one_line_error(
+        make_data_source, DataConfig(path="hf://datasets/x"))
+    assert train_main(["tiny", "data.path=gs://bucket/corpus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.path: gs://bucket/corpus is a remote")
+
+
+def test_malformed_manifest_bad_index_and_prepared_val_path(tmp_path):
+    d = _write_prepared(str(tmp_path / "c"), _docs(6), docs_per_shard=2)
+    v = _write_prepared(str(tmp_path / "v"), _docs(4, seed=7), _docs(3, seed=8))
+    src = make_data_source(DataConfig(path=d, val_path=v, mode="pack", seq_len=32))
+    assert (src.train.n_docs, src.stats["val_docs"]) == (6, 3)  # val_path's own val split
+    np.save(os.path.join(d, "train-00001.idx.npy"), np.array([1, 5], np.int64))
+    msg = _one_line_error(make_data_source, DataConfig(path=d, mode="pack", seq_len=32))
+    assert "train-00001.idx.npy does not match the manifest (2 documents" in msg
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    del m["splits"]
+    json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
+    msg = _one_line_error(make_data_source, DataConfig(path=d, seq_len=32))
+    assert "is a malformed manifest (KeyError: 'splits'); re-run jaxlm-prepare" in msg
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_opening_reads_no_token_and_rows_open_only_their_shards(tmp_path):
+    """Two shards of 256M tokens (sparse 512 MB files): opening costs neither time nor memory,
+    and a row opens only the shard(s) it reads."""
+    d = _write_prepared(str(tmp_path / "big"), ["ab", "cd"], docs_per_shard=1)
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    n = 1 << 28
+    for k, sh in enumerate(m["splits"]["train"]["shards"]):
+        with open(os.path.join(d, sh["file"]), "r+b") as f:
+            f.truncate(2 * n)  # sparse: zeros (token 0) after the document
+        np.save(os.path.join(d, sh["index"]), np.array([1, n], np.int64))
+        sh["tokens"] = n
+    json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
+    before = _rss_bytes()
+    src = make_data_source(DataConfig(path=d, seq_len=64, val_fraction=0.001))
+    shards = src.train_rows.tokens._shards
+    assert shards.opened == 0 and _rss_bytes() - before < 64 << 20
+    assert len(src.train_rows) == (int((2 * n - 1) * 0.999) - 1) // 64
+    row = src.train_rows[0]
+    assert shards.opened == 1 and row["inputs"][:3].tolist() == [EOT, ord("a"), ord("b")]
+    seam = (n - 1) // 64  # the window holding the last token of shard 0 and the first of shard 1
+    src.train_rows[seam]
+    assert shards.opened == 2 and _rss_bytes() - before < 64 << 20
+
+
+def _shakespeare_docs(n_chars=60_000):
+    from jaxlm.config import DEFAULT_CORPUS
+
+    text = open(DEFAULT_CORPUS, encoding="utf-8").read()[:n_chars]
+    return [t for t in text.split("\n\n") if t.strip()]
+
+
+@pytest.fixture(scope="module")
+def prepared_shakespeare(tmp_path_factory):
+    docs = _shakespeare_docs()
+    d = str(tmp_path_factory.mktemp("prep") / "shakespeare")
+    return _write_prepared(d, docs[:-20], docs[-20:], docs_per_shard=40)
+
+
+def _losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.mark.parametrize("mode", ["concat", pytest.param("dd", marks=pytest.mark.slow)])
+def test_prepared_train_resume_equals_uninterrupted(mode, prepared_shakespeare, tmp_path):
+    import jax
+
+    from jaxlm.config import load_config
+    from jaxlm.train.loop import run
+
+    def cfg(out, *extra):
+        return load_config("tiny", [
+            f"out_dir={out}", f"data.path={prepared_shakespeare}", f"data.mode={mode}",
+            "data.min_bucket=32", "train.steps=8", "train.log_every=1", "train.warmup_steps=2",
+            "train.lr=1e-2", "train.eval_every=0", "train.eval_batches=0", "ckpt.every=4",
+            *extra])
+
+    full = run(cfg(tmp_path / "full"))
+    assert run(cfg(tmp_path / "resumed", "train.stop_at=4"))["step"] == 4
+    second = run(cfg(tmp_path / "resumed"))
+    assert second["start_step"] == 4 and second["step"] == 8
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert [s for s, _ in a] == list(range(1, 9)) and a == b  # the same curve, bit for bit
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(full["state"]["params"]),
+                 jax.device_get(second["state"]["params"]))
+    assert a[-1][1] < a[0][1] - 0.5  # it learns from the prepared corpus

@@ -333,6 +333,8 @@ def open_prepared(path: str, tokenizer: Tokenizer, what: str = "data.path", *,
         for split, s in m["splits"].items():
             _check_shards(root, split, s, _DTYPES[m["dtype"]].itemsize, what)
         pc = PreparedCorpus(root, m, tokenizer, what)
+    except ConfigError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"{what}: {mpath} is a malformed manifest ({type(e).__name__}: {e}); "
                           "re-run jaxlm-prepare to rewrite it") from None
