@@ -1,19 +1,20 @@
 """jaxlm-plan's estimate for this machine beside a measured train step (issue #17, "Proof").
 
-The ``cpu`` target is this machine with its own figures measured in the same process a moment
-before the step is timed (:func:`jaxlm.plan.cli.cpu_chip`: the best of a 2048³ matmul in the
-config's dtype, and of a 128 MiB read+write for the memory bandwidth). The planner compiles the
-same train step (same config, same single-device mesh), reads FLOPs and per-kernel bytes from
-its HLO and predicts the step time with the per-kernel roofline (:mod:`jaxlm.plan.estimate`);
-then ``bench/throughput.py``'s ``run`` times the real step (loop of ``--steps``, median too).
-The issue's bar: estimate within ±35% of the measured step. Both the probes and the step slow
-down together when other jobs share the cores, so run it a few times (``--repeats``) and read
-the ratio, not the absolute times.
+The ``cpu`` target is this machine with its own figures measured in the same process
+(:mod:`jaxlm.plan.probe`: the median of interleaved samples of a 2048³ matmul in the config's
+dtype and of a 64 MiB read+write), **right before and right after** the timed steps: the plan
+uses the mean of the two probes, so the rates are those of the minutes the step was timed in.
+The planner compiles the same train step (same config, same single-device mesh), reads FLOPs
+and per-kernel bytes from its HLO and predicts the step time with the per-kernel roofline
+(:mod:`jaxlm.plan.estimate`); ``bench/throughput.py``'s ``run`` times the real step (loop of
+``--steps``, median too). The issue's bar: estimate within ±35% of the measured step. Both the
+probes and the step slow down when other jobs share the cores, so run it a few times
+(``--repeats``) and read the ratio, not the absolute times.
 
     python bench/plan_vs_measured.py                           # configs/bench_tiny_llama.yaml
     python bench/plan_vs_measured.py configs/tiny.yaml model.vocab_size=256 --steps 5
 
-The last line printed is ``ratio=<estimate / measured median step>``.
+The last line printed is ``ratio=<estimate / measured median step>`` (median over repeats).
 """
 
 from __future__ import annotations
@@ -37,20 +38,27 @@ def main(argv=None) -> int:
 
     from jaxlm.config import load_config
     from jaxlm.plan.cli import run
+    from jaxlm.plan.probe import cpu_chip, probe_rates
 
     args = list(ns.args)
     path = args.pop(0) if args and "=" not in args[0] else throughput.DEFAULT_CONFIG
     cfg = load_config(path, args + ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
     ratios = []
+    dtype = "float32" if cfg.model.dtype == "float32" else "bfloat16"
     for i in range(ns.repeats):
-        plan = run(cfg, "cpu")
-        road = plan["roofline"]
+        before = probe_rates(dtype)
         measured = throughput.run(cfg, steps=ns.steps, warmup=2)
+        after = probe_rates(dtype)
+        rates = tuple((a + b) / 2 for a, b in zip(before, after))
+        plan = run(cfg, "cpu", chip=cpu_chip(dtype, 1, rates=rates))
+        road = plan["roofline"]
         est, got = plan["step_time_s_estimate"], measured["step_time_median_s"]
         ratios.append(est / got)
         chip = plan["chip"]
-        print(f"[{i + 1}] probes: {chip['peak_flops'] / 1e9:.1f} GFLOP/s matmul, "
-              f"{chip['hbm_bw'] / 1e9:.2f} GB/s memory")
+        print(f"[{i + 1}] probes (before / after the timed steps -> mean): matmul "
+              f"{before[0] / 1e9:.1f} / {after[0] / 1e9:.1f} -> {chip['peak_flops'] / 1e9:.1f} "
+              f"GFLOP/s, memory {before[1] / 1e9:.2f} / {after[1] / 1e9:.2f} -> "
+              f"{chip['hbm_bw'] / 1e9:.2f} GB/s")
         print(f"[{i + 1}] plan: compute {road['compute_s']:.3f} s, memory {road['memory_s']:.3f} "
               f"s, per-kernel roofline {road['busy_s']:.3f} s -> estimate {est:.3f} s "
               f"({plan['flops_per_step']:.4g} executed FLOPs, "

@@ -157,3 +157,47 @@ def test_head_dim_wider_than_d_model_over_heads_is_counted_exactly():
     a = hlo.analyze(out.compiled.as_text(), dict(out.spec.mesh.shape))
     assert a.flops == flops_per_token(cfg.model, 256, 64) * 8 * 64 / 4
     assert planner.model_flops_per_step(cfg) == flops_per_token(cfg.model, 256, 64) * 8 * 64
+
+
+def test_tpu_compiler_out_of_hbm_becomes_a_does_not_fit_plan():
+    """libtpu refuses a step whose temporaries exceed HBM (RESOURCE_EXHAUSTED, no memory
+    analysis): the plan says it does not fit, with the compiler's figure, not a traceback."""
+    cfg, target = _cfg("mesh.fsdp=4"), parse_target("v5e-4")
+    err = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                       "for HLO temporaries (15.82G) exceeds available HBM (15.75G).")
+    p = planner._compiler_oom(cfg, target, err)
+    assert p["fits"] is False and p["source"] == "analytic"
+    assert p["memory_per_chip_bytes"]["temp"] == int(15.82 * 2**30)
+    assert p["memory_per_chip_bytes"]["total"] > p["hbm_per_chip_bytes"] * 0.98
+    assert "refused" in p["estimate_notes"][0] and p["step_time_s_estimate"] > 0
+    assert planner._compiler_oom(cfg, target, RuntimeError("INTERNAL: something else")) is None
+
+
+def test_cpu_probe_is_a_median_and_caller_rates_are_used():
+    from jaxlm.plan.probe import cpu_chip, probe_rates
+
+    flops, bw = probe_rates("float32", samples=3, n=256, nbytes=2**20)
+    assert flops > 1e8 and bw > 1e8  # any CPU does 0.1 GFLOP/s and 0.1 GB/s
+    chip = cpu_chip("float32", n_devices=4, rates=(8e10, 4e9))
+    assert (chip.peak_flops, chip.hbm_bw) == (2e10, 1e9) and "given rates" in chip.source
+    plan = run(_cfg("mesh.fsdp=1"), "cpu", chip=chip, analytic=True)
+    assert plan["chip"]["peak_flops"] == 2e10 and plan["roofline"]["compute_s"] == \
+        pytest.approx(plan["flops_per_step"] / 2e10)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["tiny", "--target", "banana"], "--target 'banana' is not a known target; use v4-N"),
+    (["tiny", "--target", "v5e-3"], "v5e-3"),
+    (["tiny", "--target", "h100x8", "--mesh", "fsdp=3"],
+     "mesh.data=1 mesh.fsdp=3 mesh.tensor=1 uses 3 devices but there are 8"),
+    (["tiny", "--target", "v5e-16", "--mesh", "fsdp=3,tensor=2"], "uses 6 devices but there are 16"),
+    (["no_such_config", "--target", "h100x8"], "no preset named 'no_such_config'"),
+    (["/nonexistent/plan.yaml", "--target", "cpu"], "config file not found: /nonexistent/plan.yaml"),
+    (["tiny", "model.d_modl=3", "--target", "h100x8"], "unknown config key 'model.d_modl'"),
+    (["tiny", "--target", "h100x8", "--sweep-mesh", "--top", "0"], "--top 0 must be >= 1"),
+])
+def test_cli_user_errors_are_one_line_exit_2(capsys, argv, message):
+    assert main(argv + ["--analytic"]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("error: ") and out.err.count("\n") == 1, out.err
+    assert message in out.err and not out.out

@@ -93,39 +93,23 @@ def _ensure_devices(n: int) -> bool:
 
 
 def cpu_chip(dtype: str, n_devices: int):
-    """This machine as a target: measured matmul FLOP/s and memory bandwidth (per device)."""
-    import time
+    """This machine as a target: measured matmul FLOP/s and memory bandwidth (per device);
+    :func:`jaxlm.plan.probe.cpu_chip` (medians of interleaved samples)."""
+    from jaxlm.plan.probe import cpu_chip as probe
 
-    import jax
-    import jax.numpy as jnp
-
-    from jaxlm.plan.targets import Chip
-    from jaxlm.train.compiled import host_memory_bytes
-    from jaxlm.utils.flops import measure_peak_flops
-
-    peak = measure_peak_flops("float32" if dtype == "float32" else "bfloat16", 2048, 5)
-    x = jnp.ones((32 * 1024 * 1024,), jnp.float32)  # 128 MiB: out of cache
-    copy = jax.jit(lambda a: a * 1.0001)
-    copy(x).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        copy(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    bw = 2 * x.nbytes / best  # read + write
-    return Chip("cpu", "cpu", peak / n_devices, host_memory_bytes() / n_devices, bw / n_devices,
-                bw / n_devices, bw / n_devices, source="measured on this machine")
+    return probe(dtype, n_devices)
 
 
 def run(cfg, target_name: str, sweep: bool = False, top: int = 3, analytic: bool = False,
-        devices=None):
-    """The plan (a dict) of ``cfg`` on a target, or the ranked sweep (a list of plans)."""
+        devices=None, chip=None):
+    """The plan (a dict) of ``cfg`` on a target, or the ranked sweep (a list of plans).
+    ``chip``: for the ``cpu`` target, rates measured by the caller (:mod:`jaxlm.plan.probe`)."""
     from jaxlm.plan import planner
     from jaxlm.plan.targets import parse_target
 
     target = parse_target(target_name)
     if target.chip.kind == "cpu":
-        target = parse_target(target_name, cpu_chip(cfg.model.dtype, target.n_chips))
+        target = parse_target(target_name, chip or cpu_chip(cfg.model.dtype, target.n_chips))
     if sweep:
         return planner.sweep(cfg, target, top=top, compile=not analytic, devices=devices)
     return planner.plan(cfg, target, devices=devices, compile=not analytic)

@@ -8,6 +8,8 @@
   the same mesh; FLOPs / bytes / collectives from that HLO, memory analytic (an estimate).
 * ``analytic`` — nothing compiled (``compile=False``, and :func:`sweep`'s first pass): memory,
   FLOPs and collectives from formulas (:func:`analytic_collectives`, :mod:`jaxlm.plan.estimate`).
+  Also when the TPU compiler refuses the step for lack of HBM (``RESOURCE_EXHAUSTED``): then
+  ``fits`` is false and the compiler's own figure is kept (``memory_per_chip_bytes["temp"]``).
 
 :func:`sweep` enumerates meshes (data × fsdp × tensor = chips), remat policies and micro-batch
 counts, keeps those whose analytic memory fits, ranks them by analytic step time and compiles the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 
 from jax.sharding import AbstractMesh, AxisType
 
@@ -171,6 +174,33 @@ def plan_analytic(cfg: Config, target: Target) -> dict:
                                        "estimates (nothing compiled)"]})
 
 
+_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+
+
+def _compiler_oom(cfg: Config, target: Target, err: Exception) -> dict | None:
+    """The TPU compiler's out-of-HBM refusal as a plan (``fits`` false, the compiler's temp bytes;
+    FLOPs / collectives / step time analytic), or None when ``err`` is something else."""
+    found = _OOM.search(str(err))
+    if "RESOURCE_EXHAUSTED" not in str(err) or not found:
+        return None
+    unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    temp, avail = (float(found.group(i)) * unit[found.group(i + 1)] for i in (1, 3))
+    p = plan_analytic(cfg, target)
+    mem = p["memory_per_chip_bytes"]
+    for key in ("gradients", "activations"):  # the compiler's temporaries hold both
+        mem.pop(key, None)
+    mem.update(temp=int(temp), total=int(mem["params"] + mem["optimizer"] + temp))
+    remat = "" if cfg.model.remat == "full" else " or model.remat=full"
+    p.update(fits=False, headroom=1.0 - mem["total"] / p["hbm_per_chip_bytes"])
+    p["estimate_notes"] = [
+        f"the TPU compiler refused the step: its temporaries need {found.group(1)}"
+        f"{found.group(2)} of the {found.group(3)}{found.group(4)} HBM per chip (RESOURCE_"
+        f"EXHAUSTED); raise train.grad_accum{remat}, or use more chips or a smaller batch",
+        "FLOPs, HBM bytes, collectives and step time are analytic estimates "
+        "(nothing compiled)"]
+    return p
+
+
 def plan(cfg: Config, target: Target, devices=None, compile: bool = True) -> dict:
     """The plan of ``cfg`` on ``target`` (module docstring). ``devices``: fake CPU devices to
     compile on (default: the first ``target.n_chips`` of this process)."""
@@ -181,7 +211,13 @@ def plan(cfg: Config, target: Target, devices=None, compile: bool = True) -> dic
         devices = aot.tpu_devices(target.tpu_topology, target.n_slices, target.chip.node)
     elif devices is None:
         devices = aot.fake_devices(target.n_chips)
-    out = aot.compile_train_step(cfg, devices)
+    try:
+        out = aot.compile_train_step(cfg, devices)
+    except Exception as err:  # noqa: BLE001 - only the TPU compiler's out-of-HBM is a result
+        oom = _compiler_oom(aot.resolve_vocab_size(cfg), target, err) if tpu else None
+        if oom is None:
+            raise
+        return oom
     cfg, spec, shape = out.cfg, out.spec, dict(out.spec.mesh.shape)
     summary = analyze(out.compiled.as_text(), shape)
     xla_mem = aot.memory_analysis(out.compiled)
