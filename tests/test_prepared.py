@@ -146,7 +146,10 @@ def test_pack_and_dd_equal_the_raw_corpus(mode, tmp_path):
     docs = _docs(40, seed=4, lo=3, hi=90)
     raw = tmp_path / "docs.jsonl"
     raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    d = _write_prepared(str(tmp_path / "p"), docs, docs_per_shard=7)
+    from jaxlm.data.prepare import prepare
+
+    d = str(tmp_path / "p")
+    prepare([str(raw)], d, docs_per_shard=7, progress=False)
     common = dict(mode=mode, seq_len=32, val_fraction=0.2, cache_dir=str(tmp_path / "cache"),
                   min_bucket=8)
     a = make_data_source(DataConfig(path=str(raw), **common))
@@ -279,18 +282,19 @@ def test_opening_reads_no_token_and_rows_open_only_their_shards(tmp_path):
     assert shards.opened == 2 and _rss_bytes() - before < 64 << 20
 
 
-def _shakespeare_docs(n_chars=60_000):
-    from jaxlm.config import DEFAULT_CORPUS
-
-    text = open(DEFAULT_CORPUS, encoding="utf-8").read()[:n_chars]
-    return [t for t in text.split("\n\n") if t.strip()]
-
-
 @pytest.fixture(scope="module")
 def prepared_shakespeare(tmp_path_factory):
-    docs = _shakespeare_docs()
-    d = str(tmp_path_factory.mktemp("prep") / "shakespeare")
-    return _write_prepared(d, docs[:-20], docs[-20:], docs_per_shard=40)
+    """The first 60 kB of tinyshakespeare through the real jaxlm-prepare: ~8 train shards, a
+    held-out split by document hash."""
+    from jaxlm.config import DEFAULT_CORPUS
+    from jaxlm.data.prepare import prepare
+
+    base = tmp_path_factory.mktemp("prep")
+    (base / "shakespeare.txt").write_text(open(DEFAULT_CORPUS, encoding="utf-8").read()[:60_000])
+    m = prepare([str(base / "shakespeare.txt")], str(base / "out"), val_fraction=0.05,
+                docs_per_shard=40, progress=False)
+    assert len(m["splits"]["train"]["shards"]) > 4 and m["splits"]["val"]["docs"] > 0
+    return str(base / "out")
 
 
 def _losses(out_dir):

@@ -33,22 +33,26 @@ split if it has documents, else its train split) overrides both.
 
 Costs. Opening reads the manifest and stats every shard file (size check): O(shards), no token is
 read. Shards are memory-mapped on first access (at most ``_Shards.MAX_OPEN`` at a time per split,
-least recently used closed first), so a process touches only the pages of the rows it reads and
+least recently used closed first), so a process touches only the pages of the rows it reads (its
+own rows of each global batch; the shuffle is global, so over an epoch it visits every shard) and
 RSS does not grow with the corpus. concat: nothing per token or per document in memory. pack/dd:
 the document offsets, 8 bytes per document (the idx files are read once at startup: O(documents)
 time and memory — 80 MB for 10M documents), plus what those modes build from them (chunk / piece
 tables, a few int64 per chunk); that index is the only memory that grows with the corpus.
 
-Example::
+Example (runnable: prepares the bundled tinyshakespeare first)::
 
     from jaxlm.data import get_tokenizer
+    from jaxlm.data.prepare import prepare
     from jaxlm.data.prepared import is_prepared, open_prepared, ShardedWindows
+    prepare(["jaxlm/assets/tinyshakespeare"], "/tmp/shakes_byte", val_fraction=0.05,
+            docs_per_shard=1024, progress=False)
     tok = get_tokenizer("byte")
-    if is_prepared("/data/fineweb_prepared"):
-        pc = open_prepared("/data/fineweb_prepared", tok)     # checks manifest, tokenizer, shards
-        rows = ShardedWindows(pc.tokens("train"), 1024, tok.token_bytes)
-        rows[0]["inputs"].shape                                # (1024,)
-        pc.corpus("train").n_docs                              # pack/dd view (reads the idx files)
+    is_prepared("/tmp/shakes_byte")                          # True
+    pc = open_prepared("/tmp/shakes_byte", tok)              # checks manifest, tokenizer, shards
+    rows = ShardedWindows(pc.tokens("train"), 256, tok.token_bytes)
+    rows[0]["inputs"].shape, pc.corpus("val").n_docs         # ((256,), ...) pack/dd view
+    # training: jaxlm-train shakespeare data.path=/tmp/shakes_byte [data.mode=pack|dd]
 """
 
 from __future__ import annotations
