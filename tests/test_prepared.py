@@ -5,6 +5,7 @@ is exact, bad corpora are one-line errors, and opening reads no token."""
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from jaxlm.config import ConfigError, DataConfig
 from jaxlm.data.modes import make_data_source
 from jaxlm.data.pipeline import BATCH_KEYS, Windows
-from jaxlm.data.prepared import ShardedTokens, is_prepared, open_prepared
+from jaxlm.data.prepared import is_prepared, open_prepared
 from jaxlm.data.tokenizer import get_tokenizer
 
 BYTE = get_tokenizer("byte")
@@ -246,6 +247,12 @@ def test_malformed_manifest_bad_index_and_prepared_val_path(tmp_path):
     np.save(os.path.join(d, "train-00001.idx.npy"), np.array([1, 5], np.int64))
     msg = _one_line_error(make_data_source, DataConfig(path=d, mode="pack", seq_len=32))
     assert "train-00001.idx.npy does not match the manifest (2 documents" in msg
+    os.rename(os.path.join(d, "manifest.json"), os.path.join(d, "m.json"))
+    open(os.path.join(d, "prepare-args.json"), "w").write("{}")  # a prepare that was killed
+    msg = _one_line_error(make_data_source, DataConfig(path=d, seq_len=32))
+    assert msg == (f"data.path: {d} has no manifest.json: its jaxlm-prepare did not finish; "
+                   "re-run jaxlm-prepare with the same arguments to finish it")
+    os.rename(os.path.join(d, "m.json"), os.path.join(d, "manifest.json"))
     m = json.load(open(os.path.join(d, "manifest.json")))
     del m["splits"]
     json.dump(m, open(os.path.join(d, "manifest.json"), "w"))
@@ -280,6 +287,9 @@ def test_opening_reads_no_token_and_rows_open_only_their_shards(tmp_path):
     seam = (n - 1) // 64  # the window holding the last token of shard 0 and the first of shard 1
     src.train_rows[seam]
     assert shards.opened == 2 and _rss_bytes() - before < 64 << 20
+    copy = pickle.loads(pickle.dumps(src.train_rows))  # picklable; maps reopen on first use
+    assert copy.tokens._shards.opened == 0
+    np.testing.assert_array_equal(copy[seam]["targets"], src.train_rows[seam]["targets"])
 
 
 @pytest.fixture(scope="module")

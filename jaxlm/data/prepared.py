@@ -113,10 +113,10 @@ class _Shards:
         return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_lock")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _open=OrderedDict(), _lock=threading.Lock())
+        self.__dict__.update(state, opened=0, _open=OrderedDict(), _lock=threading.Lock())
 
     def shard(self, k: int) -> np.memmap:
-        """Shard k's tokens [n_k], opened on first use (least recently used closed past MAX_OPEN)."""
+        """Shard k's tokens [n_k], opened on first use (the least recently used closed first)."""
         with self._lock:
             mm = self._open.get(k)
             if mm is not None:
@@ -279,7 +279,7 @@ def _read_manifest(mpath: str, what: str) -> dict:
                           "jaxlm-prepare to rewrite it") from None
     if not isinstance(m, dict) or "jaxlm_prepared" not in m:
         raise ConfigError(f"{what}: {mpath} is not a jaxlm-prepare manifest (no "
-                          "'jaxlm_prepared' version); point it at a directory made by jaxlm-prepare")
+                          "'jaxlm_prepared' version); point it at a jaxlm-prepare directory")
     if m["jaxlm_prepared"] != FORMAT_VERSION:
         raise ConfigError(f"{what}: {mpath} has format version {m['jaxlm_prepared']!r} but this "
                           f"jaxlm reads version {FORMAT_VERSION}; prepare it again with this "
@@ -356,6 +356,9 @@ def open_if_prepared(path: str, tokenizer: Tokenizer, what: str = "data.path",
     """:func:`open_prepared` if ``path`` is a prepared corpus, else None (a raw text path).
     Remote paths and unknown bundled names are refused first (:func:`resolve_data_path`)."""
     path = resolve_data_path(path, what)
+    if os.path.isfile(os.path.join(path, "prepare-args.json")) and not is_prepared(path):
+        raise ConfigError(f"{what}: {path} has no manifest.json: its jaxlm-prepare did not "
+                          f"finish; {_FINISH}")
     return open_prepared(path, tokenizer, what, **kw) if is_prepared(path) else None
 
 
