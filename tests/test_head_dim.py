@@ -61,9 +61,10 @@ def test_linear_attention_takes_a_head_dim_too(attention, pattern):
 
 def test_a_head_dim_model_trains_and_counts_its_params(tmp_path):
     cfg = load_config("tiny", [f"out_dir={tmp_path}", "model.head_dim=32",
-                               "model.n_kv_heads=0", "train.steps=4", "train.log_every=2",
+                               "train.steps=4", "train.log_every=2",
                                "train.eval_every=0", "ckpt.every=0"])
-    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.attn_head_dim) == (64, 4, 32)
+    m = cfg.model  # GQA too: 4 query heads share 2 KV heads, each of width 32
+    assert (m.d_model, m.n_heads, m.kv_heads, m.attn_head_dim) == (64, 4, 2, 32)
     result = run(cfg)
     assert result["loss"] is not None and math.isfinite(result["loss"])
     params = result["state"]["params"]
