@@ -37,8 +37,9 @@ least recently used closed first), so a process touches only the pages of the ro
 own rows of each global batch; the shuffle is global, so over an epoch it visits every shard) and
 RSS does not grow with the corpus. concat: nothing per token or per document in memory. pack/dd:
 the document offsets, 8 bytes per document (the idx files are read once at startup: O(documents)
-time and memory — 80 MB for 10M documents), plus what those modes build from them (chunk / piece
-tables, a few int64 per chunk); that index is the only memory that grows with the corpus.
+time and memory — 80 MB for 10M documents), plus what those modes build from them in every
+process (chunk / piece tables, a few int64 per chunk or piece): these O(documents) tables are the
+only memory that grows with the corpus; no token is held.
 
 Example (runnable: prepares the bundled tinyshakespeare first)::
 
