@@ -40,7 +40,8 @@ def write_parquet(path, docs, field="text"):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({field: docs, "n": list(range(len(docs)))}), str(path), row_group_size=3)
+    table = pa.table({field: docs, "n": list(range(len(docs)))})
+    pq.write_table(table, str(path), row_group_size=3)
     return str(path)
 
 
@@ -201,21 +202,20 @@ def test_rerun_same_args_and_other_args(tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
-def test_bad_records_are_counted_and_skipped(tmp_path, caplog):
+def test_bad_records_are_counted_and_skipped(tmp_path, capsys):
     jl = tmp_path / "a.jsonl"
     jl.write_bytes(b'{"text": "good one"}\n\n{"text": oops\n{"title": "no text"}\n'
                    b'{"text": "bad \xff byte"}\n{"text": "good two"}\n{"text": ""}\n[1, 2]\n')
     txt = tmp_path / "b.txt"
     txt.write_bytes(b"fine doc\n\nnot \xfe utf8\n\nfine again")
     out = str(tmp_path / "out")
-    with caplog.at_level("WARNING", logger="jaxlm"):
-        m = prepare([str(jl), str(txt)], out, progress=False)
+    m = prepare([str(jl), str(txt)], out, progress=False)
     assert decode_all(out, get_tokenizer("byte")) == ["good one", "good two", "fine doc",
                                                       "fine again"]
     assert m["skipped"] == {"bad_json": 1, "missing_field": 2, "not_utf8": 2, "empty": 1}
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "skipped 5 bad record(s)" in warnings[0]
-    assert f"{jl} line 3 (bad_json)" in warnings[0]
+    err = capsys.readouterr().err
+    assert err.startswith("warning: skipped 5 bad record(s)") and err.count("\n") == 1
+    assert f"the first: {jl} line 3 (bad_json)" in err
 
 
 def write_bad(tmp_path, name, data):
@@ -289,7 +289,7 @@ def test_cli(tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     m = json.load(open(os.path.join(out, "manifest.json")))
     n_val = m["splits"]["val"]["docs"]
-    assert line.startswith(f"prepared docs=12 tokens=") and f"val_docs={n_val}" in line
+    assert line.startswith("prepared docs=12 tokens=") and f"val_docs={n_val}" in line
     assert "tokens_per_s=" in line and m["command"] == "jaxlm-prepare " + " ".join(argv)
     for bad, want in [([src, "--out", out, "--val-fraction", "1.5"], "val_fraction=1.5"),
                       ([src, "--out", str(tmp_path / "o2"), "--num-proc", "0"], "num_proc=0"),

@@ -74,11 +74,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import multiprocessing as mp
 import os
 import re
 import shlex
+import sys
 import time
 from collections import deque
 
@@ -89,7 +89,6 @@ from jaxlm.data.tokenizer import Tokenizer, get_tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.utils.files import write_fix
 
-log = logging.getLogger("jaxlm")
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 ARGS_FILE = "prepare-args.json"
@@ -141,7 +140,7 @@ class _Encoder:
         self.limit = 2 * num_proc if num_proc > 1 else 0
         self.pool = None
         if num_proc > 1:
-            ctx = mp.get_context("spawn")  # no fork of a process that may hold jax/tokenizer threads
+            ctx = mp.get_context("spawn")  # never fork: the parent may hold jax/rayon threads
             self.pool = ctx.Pool(num_proc, _init_worker, (tok.name, path))
 
     def submit(self, texts: list[str], meta: list) -> None:
@@ -313,13 +312,14 @@ class _Progress:
     def __init__(self, enabled: bool):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(unit="doc", disable=not enabled, mininterval=0.5, smoothing=0.1)
+        self.bar = tqdm(unit="doc", disable=not enabled, mininterval=0.5,
+                        bar_format="prepare: {n_fmt} docs [{elapsed}{postfix}]")
         self.t0, self.docs, self.tokens = time.perf_counter(), 0, 0
 
     def update(self, docs: int, tokens: int = 0) -> None:
         self.docs, self.tokens = self.docs + docs, self.tokens + tokens
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix_str(f"{self.docs / dt:.0f} docs/s, {self.tokens / dt:.3g} tokens/s",
+        self.bar.set_postfix_str(f"{self.docs / dt:.0f} docs/s, {self.tokens / dt:.4g} tokens/s",
                                  refresh=False)
         self.bar.update(docs)
 
@@ -401,8 +401,8 @@ def prepare(inputs: list[str], out: str, *, tokenizer: str = "byte", tokenizer_p
         bar.bar.close()
         for w in writers.values():
             w.abort()
-    if skips.warning():
-        log.warning("warning: %s", skips.warning())
+    if skips.warning():  # one plain stderr line (like the bar), whatever logging is set up
+        print("warning: " + skips.warning(), file=sys.stderr)
     if not sum(counts.values()):
         raise ConfigError(f"the inputs hold no non-empty document ({skips.counts}); check the "
                           "inputs and --text-field")
