@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxlm.cli import main as cli_main, prepare_main
+from jaxlm.data import prepare as P, readers
 from jaxlm.data.prepare import prepare
 from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.errors import ConfigError
@@ -120,6 +121,10 @@ def test_jsonl_gz_parquet_and_hf_local_dir(tmp_path):
     write_jsonl(hf_dir / "train.jsonl", docs, field="content")
     prepare([f"hf:{hf_dir}"], str(tmp_path / "o4"), text_field="content", progress=False)
     assert decode_all(str(tmp_path / "o4"), byte) == docs
+    with pytest.raises(ConfigError, match=r"no column 'text' \(its columns: id, content\)"):
+        prepare([f"hf:{hf_dir}"], str(tmp_path / "o5"), progress=False)
+    with pytest.raises(ConfigError, match="Bad split: test.*check the name or path.*--hf-split"):
+        prepare([f"hf:{hf_dir}"], str(tmp_path / "o6"), hf_split="test", progress=False)
 
 
 # ----------------------------------------------------------------------------- split, determinism
@@ -141,16 +146,35 @@ def test_val_split_by_hash(tmp_path):
     assert all(s["docs"] == 40 for s in m["splits"]["train"]["shards"][:-1])
 
 
-def test_deterministic_across_num_proc(tmp_path):
+def test_deterministic_across_num_proc(tmp_path, monkeypatch):
+    """Same files for num_proc 1 and 2 (and any chunk size); at most 2 * num_proc chunks are in
+    flight, however long the input."""
     src = write_jsonl(tmp_path / "a.jsonl", many_docs(700))
+    in_flight = []
+    submit = P._Encoder.submit
+    monkeypatch.setattr(P._Encoder, "submit",
+                        lambda self, *a: (submit(self, *a), in_flight.append(len(self.pending))))
     runs = []
-    for n in (1, 2):
+    for n, chunk in ((1, 256), (2, 8)):
+        monkeypatch.setattr(P, "_CHUNK_DOCS", chunk)
         out = str(tmp_path / f"o{n}")
         prepare([src], out, tokenizer="gpt2", num_proc=n, val_fraction=0.1, docs_per_shard=128,
                 progress=False)
         runs.append(files_of(out))
     assert runs[0] == runs[1]
     assert "val-00000.bin" in runs[0][0] and "train-00004.bin" in runs[0][0]
+    assert len(in_flight) > 80 and max(in_flight) == 2 * 2 + 1  # the submit before a drain
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 64])
+def test_txt_streamed_in_blocks(tmp_path, monkeypatch, block):
+    """Cutting at "\n\n" block by block == str.split("\n\n") of the whole file."""
+    text = "a\n\n\nb\n\n\n\nc\nd\n\n\n\n\n" + "é😀\n" * 7 + "\n\nlast\n\n"
+    monkeypatch.setattr(readers, "_BLOCK", block)
+    path = tmp_path / "a.txt"
+    path.write_text(text, encoding="utf-8")
+    skips = readers.Skips()
+    assert list(readers._read_txt(str(path), skips)) == text.split("\n\n")
 
 
 _SLOW_DRIVER = """
