@@ -287,6 +287,9 @@ def test_bad_inputs(tmp_path, case):
     with pytest.raises(ConfigError, match=want) as e:
         prepare(inputs, str(tmp_path / "out"), progress=False, **kw)
     assert "\n" not in str(e.value)
+    if case == "all_bad":  # nothing was finished: the fixed command may reuse the directory
+        m = prepare(inputs, str(tmp_path / "out"), text_field="body", progress=False)
+        assert m["splits"]["train"]["docs"] == 2
 
 
 def test_hf_input_without_datasets(tmp_path, monkeypatch):

@@ -59,7 +59,8 @@ flight (``Pool.imap`` would read the whole input ahead); results come back in or
 appended to the open shard of their split. A finished shard is written to a temporary name and
 ``os.replace``d, then its ``.done.json`` is written (atomically). A re-run with the same arguments
 skips finished shards (it re-reads the input to count their documents but does not tokenize
-them) and writes manifest.json last, atomically; a re-run with other arguments is a ConfigError.
+them) and writes manifest.json last, atomically; a re-run with other arguments is a ConfigError
+(unless no shard was finished yet: a first run stopped by bad input may be fixed and re-run).
 
 Example (a runnable one; the bundled tinyshakespeare is one .txt)::
 
@@ -248,7 +249,8 @@ def _finished_shards(out: str, dtype: str) -> dict:
 
 
 def _claim(out: str, ident: dict) -> None:
-    """Create DIR, or check that it was made with the same arguments (prepare-args.json)."""
+    """Create DIR, or check that it was made with the same arguments (prepare-args.json); a DIR
+    where no shard was finished yet takes the new arguments."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out} is a file; pass a directory (new or made by jaxlm-prepare)")
     path = os.path.join(out, ARGS_FILE)
@@ -271,7 +273,12 @@ def _claim(out: str, ident: dict) -> None:
     except ValueError:
         raise ConfigError(f"{path} is not valid JSON (not written by jaxlm-prepare); use a new "
                           "--out or delete it") from None
-    if old != ident:
+    if old != ident and not any(n == "manifest.json" or _DONE.fullmatch(n) for n in names):
+        for n in names:  # nothing was finished (a first run stopped by bad input): start afresh
+            if n.endswith(".tmp"):
+                os.remove(os.path.join(out, n))
+        _write_atomic(path, json.dumps(ident, indent=1, sort_keys=True).encode())
+    elif old != ident:
         diff = [k for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k)]
         what = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(ident.get(k))}" for k in diff)
         raise ConfigError(f"{out} holds a corpus prepared with other arguments ({what}); use a "
