@@ -214,12 +214,13 @@ def _prepare(argv) -> int:
     p = _Parser(prog="jaxlm-prepare",
                 description="Tokenize raw text into a sharded corpus (see jaxlm/data/prepare.py).")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help=".txt/.jsonl/.jsonl.gz/.parquet files, directories, globs, hf:NAME_OR_PATH")
+                   help=".txt (cut into documents at blank lines), .jsonl, .jsonl.gz, .parquet "
+                        "files, directories and globs of them, hf:NAME_OR_PATH")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", default="byte", choices=("byte", "gpt2", "sentencepiece", "hf"))
     p.add_argument("--tokenizer-path", default="",
-                   help="gpt2: dir with vocab.json+merges.txt; sentencepiece: .model; "
-                        "hf: tokenizer.json or its dir ('' = bundled)")
+                   help="gpt2: dir with vocab.json+merges.txt, sentencepiece: .model ('' = "
+                        "bundled); hf: a tokenizer.json or its directory (required)")
     p.add_argument("--num-proc", type=int, default=1, help="tokenizer processes")
     p.add_argument("--text-field", default="text", help="jsonl/parquet/hf text column")
     p.add_argument("--val-fraction", type=float, default=0.0,
