@@ -163,7 +163,8 @@ def _eval(argv) -> int:
                 "run's own held-out data (every source of a mixture) when --data is not given.")
     p.add_argument("--ckpt", required=True, help="the out_dir of a training run")
     p.add_argument("--data", default="",
-                   help="a UTF-8 text file or a bundled corpus (shakespeare, wikitext2); "
+                   help="a UTF-8 text file, a jaxlm-prepare directory (its val split) or a bundled "
+                   "corpus (shakespeare, wikitext2); "
                    "omitted: the run's held-out split(s), eval_bpb/<name> per mixture source")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole file")
@@ -183,8 +184,11 @@ def _eval(argv) -> int:
 
     if not os.path.isdir(data) and not_regular_file(data):  # /dev/zero, a FIFO: never read them
         check_data_file(data, "jaxlm-eval --data")
-    if not os.path.isfile(data):  # fail before loading the checkpoint
-        raise ConfigError(f"jaxlm-eval: --data {a.data} is not a file (pass a UTF-8 text file)")
+    from jaxlm.data.prepared import is_prepared
+
+    if not os.path.isfile(data) and not is_prepared(data):  # fail before loading the checkpoint
+        raise ConfigError(f"jaxlm-eval: --data {a.data} is not a file (pass a UTF-8 text file "
+                          "or a jaxlm-prepare directory)")
     from jaxlm.eval import evaluate_file
 
     r = evaluate_file(a.ckpt, data, batch_size=a.batch_size, max_batches=a.max_batches,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from jaxlm.data.modes import make_data_source
 from jaxlm.data.pipeline import Windows, eval_batches_from_rows, read_text
+from jaxlm.data.prepared import ShardedWindows, is_prepared, open_prepared
 from jaxlm.config import ConfigError
 from jaxlm.train.checkpoint import load_trained, trained_tokenizer
 from jaxlm.train.step import evaluate, evaluate_groups, make_eval_step
@@ -31,7 +32,8 @@ from jaxlm.train.step import evaluate, evaluate_groups, make_eval_step
 
 def evaluate_file(out_dir: str, path: str, *, batch_size: int = 0, max_batches: int = 0,
                   seq_len: int = 0) -> dict:
-    """Score ``path`` with the latest checkpoint of ``out_dir`` (all windows unless max_batches).
+    """Score ``path`` (a text file, or a prepared corpus's held-out split) with the latest
+    checkpoint of ``out_dir`` (all windows unless max_batches).
 
     ``seq_len``: the window length (0 = the checkpoint's data.seq_len); a shorter window scores
     files too short for the training context (positions stay inside the trained range)."""
@@ -42,8 +44,13 @@ def evaluate_file(out_dir: str, path: str, *, batch_size: int = 0, max_batches: 
                           f"checkpoint's data.seq_len; 0 = {trained})")
     length = seq_len or trained
     tok = trained_tokenizer(cfg, out_dir)
-    tokens = tok.encode(read_text(path, "--data"))
-    rows = Windows(tokens, length, tok.token_bytes)
+    if is_prepared(path):  # a jaxlm-prepare directory: its val split (else train), never read whole
+        pc = open_prepared(path, tok, "jaxlm-eval: --data", need_train=False)
+        tokens = pc.tokens(pc.heldout_split())
+        rows = ShardedWindows(tokens, length, tok.token_bytes)
+    else:
+        tokens = tok.encode(read_text(path, "--data"))
+        rows = Windows(tokens, length, tok.token_bytes)
     if len(rows) == 0:
         window = f"--seq-len {length}" if seq_len else f"the checkpoint's data.seq_len={length}"
         shorter = (f", or score shorter windows with --seq-len {len(tokens) - 1}"

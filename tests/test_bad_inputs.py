@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import pytest
 
-from jaxlm.cli import eval_main, main, sample_main, train_main
+from jaxlm.cli import eval_main, main, prepare_main, sample_main, train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "bad_inputs.md")
@@ -278,8 +278,25 @@ CASES = [
     Case("sample without --ckpt", "sample", ["--prompt", "x"],
          "jaxlm-sample: the following arguments are required: --ckpt (see jaxlm-sample --help)",
          "required: --ckpt"),
+    Case("remote data.path", "train", ["{tiny}", "data.path=gs://bucket/c4"],
+         "data.path: gs://bucket/c4 is a remote URL, which jaxlm does not read directly; mount "
+         "the bucket with gcsfuse (or copy it locally with gcloud storage cp) and pass the local "
+         "path (a text file or a jaxlm-prepare directory)", "mount the bucket with gcsfuse"),
+    Case("mixture source names repeat", "train", [
+        "{tiny}", "data.sources=[{name: web, path: shakespeare, weight: 1}, "
+        "{name: web, path: wikitext2, weight: 1}]"],
+        "data.sources[1].name='web' is used twice; source names must be unique",
+        "source names must be unique"),
+    Case("mixture weight negative", "train", [
+        "{tiny}", "data.sources=[{name: web, path: shakespeare, weight: -0.5}]"],
+        "data.sources[0].weight=-0.5 (web) must be a positive number (weights are relative; "
+        "e.g. 0.9 and 0.1)", "must be a positive number"),
+    Case("prepare input missing", "prepare", ["{tmp}/missing.jsonl", "--out", "{tmp}/prep"],
+         "input {tmp}/missing.jsonl: no such file or directory (check the path)",
+         "check the path"),
     Case("eval data file missing", "eval", ["--ckpt", "{ckpt}", "--data", "{tmp}/missing.txt"],
-         "jaxlm-eval: --data {tmp}/missing.txt is not a file (pass a UTF-8 text file)",
+         "jaxlm-eval: --data {tmp}/missing.txt is not a file (pass a UTF-8 text file or a "
+         "jaxlm-prepare directory)",
          "pass a UTF-8 text file"),
     Case("eval negative batch size", "eval", ["--ckpt", "{ckpt}", "--data", "{tiny}",
                                               "--batch-size", "-1"],
@@ -299,10 +316,11 @@ CASES = [
          "data more than once, so copy it into a regular file and point jaxlm-eval --data there",
          "copy it into a regular file"),
     Case("unknown subcommand", "cli", ["fit", "{tiny}"],
-         "unknown command 'fit' (usage: python -m jaxlm.cli {train,sample,eval} ...)",
-         "usage: python -m jaxlm.cli {train,sample,eval} ..."),
+         "unknown command 'fit' (usage: python -m jaxlm.cli {train,sample,eval,prepare} ...)",
+         "usage: python -m jaxlm.cli {train,sample,eval,prepare} ..."),
 ]
-MAINS = {"train": train_main, "sample": sample_main, "eval": eval_main, "cli": main}
+MAINS = {"train": train_main, "sample": sample_main, "eval": eval_main, "cli": main,
+         "prepare": prepare_main}
 SUBPROCESS = ("mistyped key", "mesh size does not divide the devices",
               "sample flag value of the wrong type", "data path is /dev/zero")
 
@@ -416,7 +434,7 @@ def test_table_covers_enough_inputs():
 
 DOC_PATHS = {"tiny": "configs/tiny.yaml", "configs": "configs", "tmp": "$TMP", "ckpt": "$CKPT"}
 COMMAND = {"train": "jaxlm-train", "sample": "jaxlm-sample", "eval": "jaxlm-eval",
-           "cli": "python -m jaxlm.cli"}
+           "cli": "python -m jaxlm.cli", "prepare": "jaxlm-prepare"}
 
 
 def _cell(text: str) -> str:

@@ -335,3 +335,8 @@ def test_prepared_train_resume_equals_uninterrupted(mode, prepared_shakespeare, 
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(full["state"]["params"]),
                  jax.device_get(second["state"]["params"]))
     assert a[-1][1] < a[0][1] - 0.5  # it learns from the prepared corpus
+    if mode == "concat":  # jaxlm-eval --data DIR scores its val split = the run's held-out data
+        from jaxlm.eval import evaluate_file, evaluate_run
+
+        on_dir = evaluate_file(str(tmp_path / "full"), str(prepared_shakespeare), max_batches=2)
+        assert on_dir == evaluate_run(str(tmp_path / "full"), max_batches=2)

@@ -8,6 +8,10 @@ Example::
     it = src.train_iterator(batch_size=8, seed=0)   # infinite; it.get_state() checkpoints it
     batch = next(it)                                # dict of [8, 64] numpy arrays
 
+Corpora: a text file, or a directory made by ``jaxlm-prepare`` (:mod:`jaxlm.data.prepare` writes
+it, :mod:`jaxlm.data.prepared` reads it: sharded token files, each process reads what it needs);
+``data.sources`` mixes several (:mod:`jaxlm.data.mixture`).
+
 Modes (``data.mode``): ``concat`` (concat-and-chunk), ``pack`` (whole documents packed with
 document masks), ``dd`` (Dataset Decomposition; ``jaxlm.data.decompose(n_tokens, buckets)`` gives
 the piece lengths a document is cut into).
@@ -20,6 +24,7 @@ from jaxlm.data.pipeline import BATCH_KEYS, ConcatDataSource, DataSource, Window
 from jaxlm.data.tokenizer import (
     ByteTokenizer,
     GPT2Tokenizer,
+    HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     get_tokenizer,
@@ -27,6 +32,7 @@ from jaxlm.data.tokenizer import (
 
 __all__ = [
     "BATCH_KEYS", "ByteTokenizer", "ConcatDataSource", "DataSource", "GPT2Tokenizer",
-    "SentencePieceTokenizer", "Tokenizer", "Windows", "get_tokenizer", "make_data_source",
+    "HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "Windows", "get_tokenizer",
+    "make_data_source",
     "read_text", "register_data_mode", "decompose", "DDDataSource", "PackDataSource", "MODES",
 ]
