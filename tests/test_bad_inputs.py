@@ -198,10 +198,12 @@ CASES = [
          "divides batch_size", "choose a grad_accum that divides batch_size"),
     # -- data and tokenizer files --
     Case("data file missing", "train", [T, "data.path={tmp}/missing.txt", "out_dir={ckpt}"],
-         "data.path: file not found: {tmp}/missing.txt (point data.path at a UTF-8 text file)",
+         "data.path: file not found: {tmp}/missing.txt (point data.path at a UTF-8 text file or "
+         "a jaxlm-prepare directory)",
          "point data.path at a UTF-8 text file"),
     Case("data path is a directory", "train", [T, "data.path={tmp}"],
-         "data.path: {tmp} is a directory (point data.path at a UTF-8 text file)",
+         "data.path: {tmp} is a directory (point data.path at a UTF-8 text file or a "
+         "jaxlm-prepare directory)",
          "point data.path at a UTF-8 text file"),
     Case("empty data file", "train", [T, "data.path={tmp}/empty.txt"],
          "data.path: file is empty: {tmp}/empty.txt (point data.path at a non-empty text file)",
@@ -230,7 +232,7 @@ CASES = [
          "copy it into a regular file"),
     Case("validation file missing", "train", [T, "data.val_path={tmp}/missing.txt"],
          "data.val_path: file not found: {tmp}/missing.txt (point data.val_path at a UTF-8 text "
-         "file)", "point data.val_path at a UTF-8 text file"),
+         "file or a jaxlm-prepare directory)", "point data.val_path at a UTF-8 text file"),
     Case("unknown corpus format", "train", [T, "data.mode=pack", "data.format=xml"],
          "data.format='xml' is not one of: auto, text, jsonl, arrayrecord",
          "one of: auto, text, jsonl, arrayrecord"),

@@ -78,7 +78,8 @@ def read_text(path: str, what: str = "data.path") -> str:
     """Read a UTF-8 text file (or a bundled corpus by name: ``shakespeare``); missing / empty /
     undecodable -> one-line ConfigError."""
     path = resolve_data_path(path, what)
-    check_data_file(path, what)  # a FIFO, /dev/zero, … is named and refused, never read
+    # a FIFO, /dev/zero, … is named and refused, never read
+    check_data_file(path, what, "a UTF-8 text file or a jaxlm-prepare directory")
     try:
         with open(path, "rb") as f:
             raw = f.read()
