@@ -17,6 +17,8 @@
 # picture the decomposition, histogram the buckets of two bundled corpora (WikiText-2 articles
 # in `jaxlm/assets/wikitext-2`, tinyshakespeare speeches), check the tokens per step, time each
 # bucket, and compare DD with concat. Module: `jaxlm/data/bucketing.py` (`data.mode=dd`).
+# Last, a corpus prepared once with `jaxlm-prepare` and a weighted mixture of two corpora with
+# one eval curve per source (`jaxlm/data/prepare.py`, `jaxlm/data/mixture.py`).
 
 # %% shared="install"
 
@@ -189,3 +191,40 @@ for mode, r in runs.items():
     ev = evaluate(make_eval_step(r["spec"]), r["state"]["params"], held, r["spec"].mesh)
     tps = np.median(m[mode]["tokens_per_s"][m[mode]["tokens_per_s"] > 0])
     print(f"{mode:6s} held-out documents: {ev['bpb']:.3f} bits/byte | median {tps:,.0f} tokens/s")
+
+# %% [markdown]
+# ## 5. Corpora at scale: prepared shards and a weighted mixture
+#
+# A real corpus is tokenized once with `jaxlm-prepare` (`jaxlm.data.prepare.prepare` here):
+# sharded token files + a `manifest.json`, with documents held out by content hash. Any
+# `data.mode` reads it through `data.path`, memory-mapping only the shards a process needs.
+# `data.sources` then mixes several corpora by weight (grain's `IterDataset.mix` over whole
+# batches), and every eval line carries `eval_bpb/<name>` per source next to the pooled
+# `eval_bpb` — the curves people watch for domain balance and forgetting. Here: tinyshakespeare
+# and WikiText-2 at 3 : 1.
+
+# %%
+from jaxlm.data.prepare import prepare
+
+prepared = {}
+for name, text in (("shakespeare", f"{ASSETS}/tinyshakespeare"),
+                   ("wiki", f"{ASSETS}/wikitext-2")):
+    prepared[name] = f"{OUT}/05_prepared_{name}"
+    m = prepare([text], prepared[name], tokenizer="byte", val_fraction=0.05,
+                docs_per_shard=1024, progress=False)
+    print(f"{name:11s} train {m['splits']['train']['tokens']:,} tokens in "
+          f"{len(m['splits']['train']['shards'])} shards, val {m['splits']['val']['tokens']:,}")
+
+mix = ("data.sources=[{name: shakespeare, path: " + prepared["shakespeare"] + ", weight: 3}, "
+       "{name: wiki, path: " + prepared["wiki"] + ", weight: 1}]")
+cfg = load_config("tiny", [mix, f"out_dir={OUT}/05_mixture", f"train.steps={RUN}",
+                           "train.eval_every=20", "train.eval_batches=4", "ckpt.every=0"])
+shutil.rmtree(cfg.out_dir, ignore_errors=True)
+run(cfg)
+ev = read_metrics(cfg.out_dir)["eval"]
+plt.figure(figsize=(6, 3.5))
+plt.plot(ev["step"], ev["eval_bpb"], "k-", label="pooled eval_bpb")
+for name in prepared:
+    plt.plot(ev["step"], ev[f"eval_bpb/{name}"], "o-", label=f"eval_bpb/{name}")
+plt.xlabel("step"); plt.ylabel("bits per byte"); plt.legend()
+plt.title("one mixture, one curve per source"); plt.show()
