@@ -1,15 +1,16 @@
 """jaxlm-plan's estimate for this machine beside a measured train step (issue #17, "Proof").
 
 The ``cpu`` target is this machine with its own figures measured in the same process
-(:mod:`jaxlm.plan.probe`: the median of interleaved samples of a 2048³ matmul in the config's
-dtype and of a 64 MiB read+write), **right before and right after** the timed steps: the plan
-uses the mean of the two probes, so the rates are those of the minutes the step was timed in.
-The planner compiles the same train step (same config, same single-device mesh), reads FLOPs
-and per-kernel bytes from its HLO and predicts the step time with the per-kernel roofline
-(:mod:`jaxlm.plan.estimate`); ``bench/throughput.py``'s ``run`` times the real step (loop of
-``--steps``, median too). The issue's bar: estimate within ±35% of the measured step. Both the
-probes and the step slow down when other jobs share the cores, so run it a few times
-(``--repeats``) and read the ratio, not the absolute times.
+(:mod:`jaxlm.plan.probe`: medians of interleaved samples of a 2048³ matmul in the config's
+dtype, a 64 MiB read and a 64 MiB copy, giving the read and the write rate), **right before and
+right after** the timed steps: the plan uses the mean of the two probes, so the rates are those
+of the minutes the step was timed in. The planner compiles the same train step (same config,
+same single-device mesh), reads FLOPs and per-kernel bytes read and written from its HLO and
+predicts the step time with the per-kernel roofline (:mod:`jaxlm.plan.estimate`);
+``bench/throughput.py``'s ``run`` times the real step (loop of ``--steps``, median too). The
+issue's bar: estimate within ±35% of the measured step. Both the probes and the step slow down
+when other jobs share the cores, so run it a few times (``--repeats``) and read the ratio, not
+the absolute times.
 
     python bench/plan_vs_measured.py                           # configs/bench_tiny_llama.yaml
     python bench/plan_vs_measured.py configs/tiny.yaml model.vocab_size=256 --steps 5
@@ -57,8 +58,9 @@ def main(argv=None) -> int:
         chip = plan["chip"]
         print(f"[{i + 1}] probes (before / after the timed steps -> mean): matmul "
               f"{before[0] / 1e9:.1f} / {after[0] / 1e9:.1f} -> {chip['peak_flops'] / 1e9:.1f} "
-              f"GFLOP/s, memory {before[1] / 1e9:.2f} / {after[1] / 1e9:.2f} -> "
-              f"{chip['hbm_bw'] / 1e9:.2f} GB/s")
+              f"GFLOP/s, read {before[1] / 1e9:.2f} / {after[1] / 1e9:.2f} -> "
+              f"{chip['hbm_bw'] / 1e9:.2f} GB/s, write {before[2] / 1e9:.2f} / "
+              f"{after[2] / 1e9:.2f} -> {chip['write_bw'] / 1e9:.2f} GB/s")
         print(f"[{i + 1}] plan: compute {road['compute_s']:.3f} s, memory {road['memory_s']:.3f} "
               f"s, per-kernel roofline {road['busy_s']:.3f} s -> estimate {est:.3f} s "
               f"({plan['flops_per_step']:.4g} executed FLOPs, "

@@ -176,13 +176,29 @@ def test_tpu_compiler_out_of_hbm_becomes_a_does_not_fit_plan():
 def test_cpu_probe_is_a_median_and_caller_rates_are_used():
     from jaxlm.plan.probe import cpu_chip, probe_rates
 
-    flops, bw = probe_rates("float32", samples=3, n=256, nbytes=2**20)
-    assert flops > 1e8 and bw > 1e8  # any CPU does 0.1 GFLOP/s and 0.1 GB/s
-    chip = cpu_chip("float32", n_devices=4, rates=(8e10, 4e9))
-    assert (chip.peak_flops, chip.hbm_bw) == (2e10, 1e9) and "given rates" in chip.source
+    flops, read, write = probe_rates("float32", samples=3, n=256, nbytes=2**20)
+    assert min(flops, read, write) > 1e8  # any CPU does 0.1 GFLOP/s and 0.1 GB/s
+    chip = cpu_chip("float32", n_devices=4, rates=(8e10, 8e9, 2e9))
+    assert (chip.peak_flops, chip.hbm_bw, chip.write_bw) == (2e10, 2e9, 5e8)
+    assert "given rates" in chip.source
     plan = run(_cfg("mesh.fsdp=1"), "cpu", chip=chip, analytic=True)
     assert plan["chip"]["peak_flops"] == 2e10 and plan["roofline"]["compute_s"] == \
         pytest.approx(plan["flops_per_step"] / 2e10)
+
+
+def test_cpu_roofline_charges_reads_and_writes_at_their_rates():
+    """Per kernel: max(FLOPs/peak, read/read_bw + written/write_bw) on the cpu target; the
+    TPU/GPU chips (no write_bw) keep bytes/hbm_bw."""
+    from jaxlm.plan.targets import Chip, Target
+
+    ops = [(1e9, 3e8, 1e8), (0.0, 6e8, 2e8)]  # (FLOPs, bytes, of which written)
+    cpu = Chip("cpu", "cpu", 1e10, 1e9, 4e8, 1e9, 1e9, source="test", write_bw=1e8)
+    r = estimate.roofline(1e9, 9e8, [], Target("cpu", cpu, 1), {"data": 1}, ops)
+    # kernel 1: max(0.1, 0.5 + 1.0) = 1.5 s; kernel 2: 1.0 + 2.0 = 3.0 s
+    assert r["busy_s"] == pytest.approx(4.5) and r["memory_s"] == pytest.approx(4.5)
+    same = Chip("x", "gpu", 1e10, 1e9, 4e8, 1e9, 1e9)
+    r = estimate.roofline(1e9, 9e8, [], Target("x", same, 1), {"data": 1}, ops)
+    assert r["busy_s"] == pytest.approx(0.75 + 1.5) and r["memory_s"] == pytest.approx(2.25)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -190,9 +206,11 @@ def test_cpu_probe_is_a_median_and_caller_rates_are_used():
     (["tiny", "--target", "v5e-3"], "v5e-3"),
     (["tiny", "--target", "h100x8", "--mesh", "fsdp=3"],
      "mesh.data=1 mesh.fsdp=3 mesh.tensor=1 uses 3 devices but there are 8"),
-    (["tiny", "--target", "v5e-16", "--mesh", "fsdp=3,tensor=2"], "uses 6 devices but there are 16"),
+    (["tiny", "--target", "v5e-16", "--mesh", "fsdp=3,tensor=2"],
+     "uses 6 devices but there are 16"),
     (["no_such_config", "--target", "h100x8"], "no preset named 'no_such_config'"),
-    (["/nonexistent/plan.yaml", "--target", "cpu"], "config file not found: /nonexistent/plan.yaml"),
+    (["/nonexistent/plan.yaml", "--target", "cpu"],
+     "config file not found: /nonexistent/plan.yaml"),
     (["tiny", "model.d_modl=3", "--target", "h100x8"], "unknown config key 'model.d_modl'"),
     (["tiny", "--target", "h100x8", "--sweep-mesh", "--top", "0"], "--top 0 must be >= 1"),
 ])

@@ -31,7 +31,11 @@ count the same way for GPT layers.)
 Kernels run one after another on a chip, each bound by its own FLOPs or bytes (the per-kernel
 roofline, over the compiled program's unfused instructions, :attr:`jaxlm.plan.hlo.HloSummary.ops`):
 
-    T_busy = Σ_kernels max(FLOPs_k / peak_flops, bytes_k / hbm_bw)     (≥ max(T_compute, T_memory))
+    T_busy = Σ_kernels max(FLOPs_k / peak_flops, bytes_k / hbm_bw)   (≥ max(T_compute, T_memory))
+
+On the measured ``cpu`` target reads and writes run at different rates (:mod:`jaxlm.plan.probe`:
+a fresh result page costs several reads), so there ``bytes_k / hbm_bw`` becomes
+``read_k / hbm_bw + written_k / write_bw`` (``written_k``: the kernel's result bytes).
 
 Assumed overlap: XLA runs FSDP / data-parallel collectives (weight all-gathers, gradient
 reductions) asynchronously under the layer matmuls, so they cost only what exceeds the kernels;
@@ -133,18 +137,29 @@ def collective_time(c, target, mesh_shape: dict) -> float:
     return c.count * k * c.bytes * (n - 1) / n / bw
 
 
+def _kernel_memory_s(op, chip) -> float:
+    """Seconds one kernel (FLOPs, bytes[, bytes written]) spends on memory: bytes / hbm_bw, or
+    read / hbm_bw + written / write_bw where the chip writes at another rate (cpu target)."""
+    nbytes, written = op[1], (op[2] if len(op) > 2 else 0.0)
+    if not chip.write_bw:
+        return nbytes / chip.hbm_bw
+    return (nbytes - written) / chip.hbm_bw + written / chip.write_bw
+
+
 def roofline(flops: float, bytes_accessed: float, collectives, target, mesh_shape: dict,
              ops=None) -> dict:
     """Per-chip compute / memory / communication times and the step estimate (docstring).
 
-    ``ops``: (FLOPs, bytes) of each kernel (:attr:`jaxlm.plan.hlo.HloSummary.ops`); with them
-    the busy time is the per-kernel roofline Σ max(FLOPs/peak, bytes/bw), else the aggregate
-    max(T_compute, T_memory)."""
+    ``ops``: (FLOPs, bytes, bytes written) of each kernel (:attr:`jaxlm.plan.hlo.HloSummary.ops`);
+    with them the busy time is the per-kernel roofline Σ max(FLOPs/peak, bytes/bw), else the
+    aggregate max(T_compute, T_memory)."""
     chip = target.chip
     t_compute, t_memory = flops / chip.peak_flops, bytes_accessed / chip.hbm_bw
     busy = max(t_compute, t_memory)
     if ops:
-        busy = sum(max(f / chip.peak_flops, b / chip.hbm_bw) for f, b in ops)
+        mem = [_kernel_memory_s(op, chip) for op in ops]
+        t_memory = sum(mem) if chip.write_bw else t_memory
+        busy = sum(max(op[0] / chip.peak_flops, m) for op, m in zip(ops, mem))
     by_axis: dict[str, float] = {}
     for c in collectives:
         key = ",".join(c.mesh_axes)

@@ -17,7 +17,8 @@ On that weighting, per chip (the HLO is one partition's program):
   (slices and in-place updates: only the data they move; collectives: none, they are
   communication — :func:`kernel_bytes`). Shape plumbing (parameter, tuple, bitcast, constant,
   while, call) is free.
-  Each such kernel's (FLOPs, bytes) is kept too (``ops``), for a per-kernel roofline.
+  Each such kernel's (FLOPs, bytes, bytes written) is kept too (``ops``), for a per-kernel
+  roofline; written = its results' bytes (less what an in-place update aliases), the rest read.
 * collectives: all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute (and their
   async ``-start`` halves; one ``channel_id`` counted once, as TPU async collective fusions
   repeat it) with the bytes of the full buffer (the gathered output,
@@ -78,7 +79,8 @@ class HloSummary:
     bytes_accessed: float  # per chip per step, estimate (see module docstring)
     collectives: list  # of Collective, aggregated by (op, mesh_axes, bytes, group_size)
     unknown_trip_counts: int  # while loops without known_trip_count (counted once)
-    ops: list = dataclasses.field(default_factory=list)  # (FLOPs, bytes) per unfused kernel
+    # (FLOPs, bytes, bytes written) per unfused kernel, runs applied
+    ops: list = dataclasses.field(default_factory=list)
 
 
 def shape_bytes(shape: str) -> list[int]:
@@ -267,23 +269,31 @@ def kernel_bytes(ins: Instr, table: dict) -> int:
     whose output aliases an operand: ``output_to_operand_aliasing``, or a dynamic-update-slice
     fusion, whose largest operand is the buffer) moves only the new data,
     and collectives count as communication, not here."""
+    return sum(kernel_traffic(ins, table))
+
+
+def kernel_traffic(ins: Instr, table: dict) -> tuple[int, int]:
+    """(bytes read, bytes written) of one kernel; their sum is :func:`kernel_bytes`."""
     if _is_communication(ins):
-        return 0
+        return 0, 0
     operands = [sum(shape_bytes(table.get(o, ""))) for o in ins.operands]
     out = shape_bytes(ins.shape)
     if ins.op in ("dynamic-slice", "slice"):
-        return 2 * sum(out)
+        return sum(out), sum(out)
     if ins.op == "slice-start":  # ((operand), result, context)
-        return 2 * (out[1] if len(out) > 1 else sum(out))
+        moved = out[1] if len(out) > 1 else sum(out)
+        return moved, moved
     if ins.op == "dynamic-update-slice":
-        return 2 * (operands[1] if len(operands) > 1 else 0)
+        moved = operands[1] if len(operands) > 1 else 0
+        return moved, moved
     aliased = {int(i) for i in re.findall(r":\s*\((\d+),", ins.attrs.split(
         "output_to_operand_aliasing=", 1)[1].split("}}", 1)[0] + "}}")} \
         if "output_to_operand_aliasing=" in ins.attrs else set()
     if ins.op == "fusion" and "dynamic-update-slice" in ins.name and operands:
         aliased.add(operands.index(max(operands)))  # updates its largest operand in place
     moved = sum(b for i, b in enumerate(operands) if i not in aliased)
-    return sum(out) - sum(operands[i] for i in aliased if i < len(operands)) + moved
+    written = sum(out) - sum(operands[i] for i in aliased if i < len(operands))
+    return moved, written
 
 
 def _fusion_flops(comps: dict):
@@ -321,7 +331,7 @@ def analyze(text: str, mesh_shape: dict) -> HloSummary:
     runs, fused, unknown = run_counts(comps, entry)
     fusion_flops = _fusion_flops(comps)
     flops = 0.0
-    ops: list[tuple[float, float]] = []  # (FLOPs, bytes) of each unfused instruction, weighted
+    ops: list[tuple] = []  # (FLOPs, bytes, bytes written) of each unfused instruction, weighted
     agg: dict[tuple, int] = {}
     seen: set = set()  # channel ids: the TPU compiler repeats one async collective inside its
     # start, done and collective-matmul fusions (one channel_id); it runs once
@@ -334,10 +344,10 @@ def analyze(text: str, mesh_shape: dict) -> HloSummary:
             own = _dot_flops(ins, table) if ins.op in ("dot", "convolution") else 0.0
             flops += r * own
             if comp not in fused and ins.op not in _FREE:
-                nbytes = kernel_bytes(ins, table)
+                read, written = kernel_traffic(ins, table)
                 inner = sum(fusion_flops(c) for k, c in _callees(ins) if k == "calls") \
                     if ins.op == "fusion" else 0.0
-                ops.append((r * (own + inner), r * nbytes))
+                ops.append((r * (own + inner), r * (read + written), r * written))
             op = ins.op[:-6] if ins.op.endswith("-start") else ins.op
             channel = re.search(r"channel_id=(\d+)", ins.attrs)
             if op not in COLLECTIVE_OPS or (channel and channel.group(1) in seen):
@@ -347,4 +357,4 @@ def analyze(text: str, mesh_shape: dict) -> HloSummary:
             agg[key] = agg.get(key, 0) + int(round(r))
     colls = [Collective(op, list(axes), b, g, c) for (op, axes, b, g), c in agg.items()]
     colls.sort(key=lambda c: (c.op, c.mesh_axes, -c.bytes))
-    return HloSummary(flops, sum(b for _, b in ops), colls, unknown, ops)
+    return HloSummary(flops, sum(op[1] for op in ops), colls, unknown, ops)

@@ -174,7 +174,8 @@ def plan_analytic(cfg: Config, target: Target) -> dict:
                                        "estimates (nothing compiled)"]})
 
 
-_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM "
+                  r"\(([\d.]+)([KMGT])\)")
 
 
 def _compiler_oom(cfg: Config, target: Target, err: Exception) -> dict | None:

@@ -40,6 +40,9 @@ class Chip:
     torus_dims: int = 2  # TPU: 2-D (v5e, v6e) or 3-D (v4, v5p) torus
     node: int = 8  # GPU: GPUs per NVLink node; TPU: chips per host (v5e/v6e 8, v4/v5p 4)
     source: str = ""
+    # bytes/s at which kernels write their results, when it differs from reading (the measured
+    # cpu target: fresh output pages cost far more than reads); 0 = hbm_bw for both
+    write_bw: float = 0.0
 
 
 GiB, GB = 1024**3, 1e9
