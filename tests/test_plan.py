@@ -196,6 +196,9 @@ def test_cpu_roofline_charges_reads_and_writes_at_their_rates():
     r = estimate.roofline(1e9, 9e8, [], Target("cpu", cpu, 1), {"data": 1}, ops)
     # kernel 1: max(0.1, 0.5 + 1.0) = 1.5 s; kernel 2: 1.0 + 2.0 = 3.0 s
     assert r["busy_s"] == pytest.approx(4.5) and r["memory_s"] == pytest.approx(4.5)
+    # no per-kernel split (an analytic plan): half the bytes read, half written
+    r = estimate.roofline(1e9, 9e8, [], Target("cpu", cpu, 1), {"data": 1})
+    assert r["memory_s"] == pytest.approx(4.5e8 / 4e8 + 4.5e8 / 1e8)
     same = Chip("x", "gpu", 1e10, 1e9, 4e8, 1e9, 1e9)
     r = estimate.roofline(1e9, 9e8, [], Target("x", same, 1), {"data": 1}, ops)
     assert r["busy_s"] == pytest.approx(0.75 + 1.5) and r["memory_s"] == pytest.approx(2.25)

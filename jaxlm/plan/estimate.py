@@ -155,6 +155,8 @@ def roofline(flops: float, bytes_accessed: float, collectives, target, mesh_shap
     aggregate max(T_compute, T_memory)."""
     chip = target.chip
     t_compute, t_memory = flops / chip.peak_flops, bytes_accessed / chip.hbm_bw
+    if chip.write_bw:  # no per-kernel split known yet: half the bytes read, half written
+        t_memory = bytes_accessed / 2 * (1 / chip.hbm_bw + 1 / chip.write_bw)
     busy = max(t_compute, t_memory)
     if ops:
         mem = [_kernel_memory_s(op, chip) for op in ops]
