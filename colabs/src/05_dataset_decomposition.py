@@ -204,16 +204,29 @@ for mode, r in runs.items():
 # and WikiText-2 at 3 : 1.
 
 # %%
+import json
+import os
+import re
+
 from jaxlm.data.prepare import prepare
 
+# WikiText's articles as JSONL, one {"text": ...} per article (a .txt is cut at blank lines,
+# which WikiText does not have: its "blank" lines hold a space)
+wiki = open(f"{ASSETS}/wikitext-2/valid.txt", encoding="utf-8").read()
+os.makedirs(OUT, exist_ok=True)
+with open(f"{OUT}/05_wiki.jsonl", "w", encoding="utf-8") as f:
+    for article in re.split(r"\n(?= = [^=].* = \n)", wiki):
+        f.write(json.dumps({"text": article}) + "\n")
+
 prepared = {}
-for name, text in (("shakespeare", f"{ASSETS}/tinyshakespeare"),
-                   ("wiki", f"{ASSETS}/wikitext-2")):
+for name, text in (("shakespeare", f"{ASSETS}/tinyshakespeare/input.txt"),
+                   ("wiki", f"{OUT}/05_wiki.jsonl")):
     prepared[name] = f"{OUT}/05_prepared_{name}"
     m = prepare([text], prepared[name], tokenizer="byte", val_fraction=0.05,
                 docs_per_shard=1024, progress=False)
-    print(f"{name:11s} train {m['splits']['train']['tokens']:,} tokens in "
-          f"{len(m['splits']['train']['shards'])} shards, val {m['splits']['val']['tokens']:,}")
+    print(f"{name:11s} train {m['splits']['train']['docs']:,} documents, "
+          f"{m['splits']['train']['tokens']:,} tokens in {len(m['splits']['train']['shards'])} "
+          f"shards; held out {m['splits']['val']['docs']} documents")
 
 mix = ("data.sources=[{name: shakespeare, path: " + prepared["shakespeare"] + ", weight: 3}, "
        "{name: wiki, path: " + prepared["wiki"] + ", weight: 1}]")
