@@ -32,7 +32,8 @@ def format_plan(p: dict) -> str:
     lines = [
         f"target     {p['target']}: {p['chips']} x {chip['name']} ({chip['peak_flops'] / 1e12:.4g}"
         f" TFLOP/s, {format_bytes(chip['hbm_bytes'])} at {chip['hbm_bw'] / 1e9:.4g} GB/s"
-        f"{', measured' if chip['kind'] == 'cpu' else ''})",
+        + (f" read, {chip['write_bw'] / 1e9:.4g} GB/s write" if chip.get("write_bw") else "")
+        + f"{', measured' if chip['kind'] == 'cpu' else ''})",
         f"source     {p['source']}" + (f" (compiled in {p['compile_s']:.1f} s)"
                                         if "compile_s" in p else ""),
         f"model      {m['params']:,} params, {m['dtype']}, remat {m['remat']}, batch "
