@@ -196,3 +196,19 @@ def test_sources_from_yaml(tmp_path):
                         "    - name: wiki\n      path: wikitext2\n      weight: 0.1\n")
     cfg = load_config(str(cfg_file))
     assert [(s.name, s.weight) for s in cfg.data.sources] == [("web", 0.9), ("wiki", 0.1)]
+
+
+def test_resume_rules_for_sources():
+    """Changing weights or adding a source resumes (logged with what happens); switching between
+    one data.path and a mixture is refused up front, naming the setting (never 'unusable')."""
+    from jaxlm.train.compat import check_compatible, describe_changes
+
+    src = "data.sources=[{name: a, path: x, weight: 3}, {name: b, path: y, weight: 1}]"
+    mix = load_config(None, [src])
+    reweighted = load_config(None, [src.replace("weight: 3", "weight: 1")])
+    check_compatible(mix, reweighted)
+    assert any("new weights apply" in ln for ln in describe_changes(mix, reweighted))
+    for saved, now in ((load_config(None, []), mix), (mix, load_config(None, []))):
+        with pytest.raises(ConfigError, match="data.sources: checkpoint .*intact|intact.*data"
+                                              ".sources"):
+            check_compatible(saved, now)

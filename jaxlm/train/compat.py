@@ -5,7 +5,7 @@ iterator state still fit: a different batch size, sequence length, learning rate
 step count resumes (and :func:`describe_changes` lists those changes for the log). What cannot
 continue is refused by :func:`check_compatible` with the exact settings that differ — a different
 model or tokenizer (other arrays), another optimizer or optimizer-state layout, another data mode
-(another iterator state) — and says plainly that the checkpoint is intact: the fix is the saved
+or a switch between one ``data.path`` and a ``data.sources`` mixture (another iterator state) — and says plainly that the checkpoint is intact: the fix is the saved
 settings (``<out_dir>/config.yaml``) or a new out_dir, never moving good checkpoints away.
 
 Example::
@@ -45,6 +45,8 @@ def incompatible_changes(saved: Config, cfg: Config) -> tuple[list[str], list[st
         if bool(getattr(so, key)) != bool(getattr(co, key)):
             setup += _changed(saved, cfg, "optim", (key,))
     setup += _changed(saved, cfg, "data", ("mode",))
+    if bool(saved.data.sources) != bool(cfg.data.sources):  # one iterator vs a mixture of them
+        setup += _changed(saved, cfg, "data", ("sources",))
     return model, setup
 
 
@@ -69,7 +71,9 @@ def check_compatible(saved: Config, cfg: Config) -> None:
 _NOTES = {"train.batch_size": "the data position is counted in batches, so resumed rows shift",
           "data.seq_len": "the data position is counted in batches, so resumed rows shift",
           "train.steps": "the lr schedule is recomputed for the new length",
-          "seed": "the data order already drawn is kept; the new seed affects nothing resumed"}
+          "seed": "the data order already drawn is kept; the new seed affects nothing resumed",
+          "data.sources": "each source keeps its position, the new weights apply from the next "
+                          "batch, a new source starts at its beginning"}
 
 
 def describe_changes(saved: Config, cfg: Config) -> list[str]:
