@@ -106,7 +106,7 @@ class DataConfig:
     val_path: str = ""  # separate validation file; "" = split off val_fraction of `path`
     val_fraction: float = 0.1
     seq_len: int = 256
-    tokenizer: str = "byte"  # byte | gpt2 | sentencepiece
+    tokenizer: str = "byte"  # byte | gpt2 | sentencepiece | hf (a tokenizer.json or its dir)
     tokenizer_path: str = ""  # gpt2: dir with vocab.json+merges.txt; sentencepiece: .model ("" = bundled)
     mode: str = "concat"  # concat (bucketing/packing modes plug in here)
     shuffle: bool = True
