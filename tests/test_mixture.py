@@ -119,13 +119,13 @@ def test_evaluate_groups_pools_sums_and_reports_each_source():
     assert "empty" not in ev["sources"]  # a metric over zero tokens is never reported
 
 
-@pytest.mark.parametrize("mode", ["concat", "dd"])
+@pytest.mark.parametrize("mode", ["concat", "pack", "dd"])
 def test_real_sources_in_every_mode(tmp_path, mode):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("".join(f"alpha {i} " * 40 + "\n\n" for i in range(60)))
     b.write_text("".join(f"BETA {i} " * 30 + "\n\n" for i in range(60)))
-    extra = ["data.mode=dd", "data.min_bucket=16", f"data.cache_dir={tmp_path / 'c'}"] \
-        if mode == "dd" else []
+    extra = {"dd": ["data.min_bucket=16"], "concat": []}.get(mode, [])
+    extra += [f"data.mode={mode}", f"data.cache_dir={tmp_path / 'c'}"]
     cfg = load_config(TINY, extra + [
         f"data.sources=[{{name: a, path: {a}, weight: 1}}, {{name: b, path: {b}, weight: 1}}]"])
     src = make_data_source(cfg.data)
