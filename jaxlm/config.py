@@ -46,6 +46,14 @@ class ModelConfig:
     head_dim: int = 0  # per-head width K; 0 = d_model // n_heads (attention: D -> H*K -> D)
     d_ff: int = 1024  # SwiGLU hidden width
     rope_theta: float = 10000.0
+    # Llama-3.1 RoPE frequency remapping (jaxlm/ops/rope.py): "" = none | llama3
+    rope_scaling: str = ""
+    rope_scaling_factor: float = 8.0  # llama3: s, the low frequencies are divided by it
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original_max_pos / this: scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original_max_pos / this: kept
+    rope_original_max_pos: int = 8192  # llama3: the pre-extension context length L0
+    attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE, weight [head_dim] (Qwen3)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     attention: str = "softmax"  # attention variant (the linear-attention family plugs in here)
@@ -70,6 +78,25 @@ class ModelConfig:
     lowrank_scale: float = 0.25  # s in W = s*B*A: the papers' lora_alpha / r (0.25 at 60M)
     lowrank_init: str = "paper"  # paper (kaiming-uniform, the authors' code) | std_matched
     sparse_density: float = 0.03  # SLTrain: fraction delta of W's entries in the fixed sparse support
+
+    def __post_init__(self):
+        if self.rope_scaling not in ("", "llama3"):
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} is not one of: '' "
+                              "(none), llama3")
+        if self.rope_scaling and not (
+                self.rope_scaling_factor > 0 and self.rope_original_max_pos > 0
+                and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise ConfigError("model.rope_scaling=llama3 needs rope_scaling_factor > 0, "
+                              "rope_original_max_pos > 0 and 0 < rope_low_freq_factor < "
+                              "rope_high_freq_factor")
+
+    @property
+    def rope_scaling_args(self):
+        """None, or ("llama3", factor, low, high, original_max_pos) for jaxlm.ops.apply_rope."""
+        if not self.rope_scaling:
+            return None
+        return (self.rope_scaling, self.rope_scaling_factor, self.rope_low_freq_factor,
+                self.rope_high_freq_factor, self.rope_original_max_pos)
 
     @property
     def kv_heads(self) -> int:
@@ -123,7 +150,7 @@ class TrainConfig:
     batch_size: int = 32  # global sequences per optimizer step
     grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
     lr: float = 1e-3
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: str = "cosine"  # cosine | wsd | constant | infinite_cosine | infinite_rsqrt
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # floor of the decay, as a fraction of lr
     decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
@@ -137,10 +164,21 @@ class TrainConfig:
     # `nonfinite_skips`, a log line) and go on; stop: end the run with an error at the next
     # metrics fetch, before any checkpoint after it, so the latest checkpoint is the last good.
     nonfinite: str = "skip"  # skip | stop
+    # -- infinite schedules (train.schedule=infinite_cosine|infinite_rsqrt; jaxlm/optim/schedules.py):
+    # warmup -> cooldown to a constant lr -> constant (continuable) -> optional final annealing
+    cooldown_steps: int = 200  # infinite_*: updates of the cooldown from lr to const_lr_ratio*lr
+    const_lr_ratio: float = 0.25  # infinite_*: the constant phase's lr, as a fraction of lr
+    anneal_steps: int = 0  # infinite_*: the run's last N updates anneal (exponentially) to
+    #                        lr*min_lr_ratio; 0 = no annealing (end in the constant phase)
+    rsqrt_alpha: float = 10.0  # infinite_rsqrt: steepness alpha of the inverse-sqrt cooldown
+    # infinite_*: update k of this run uses the schedule's value at k + schedule_offset, so a run
+    # continued with init_from (e.g. offset = the source run's steps) starts in the constant phase
+    schedule_offset: int = 0
 
     def __post_init__(self):
         if self.nonfinite not in ("skip", "stop"):
             raise ConfigError(f"train.nonfinite={self.nonfinite!r} is not one of: skip, stop")
+        check_infinite(self)
 
 
 @dataclass(frozen=True)
@@ -182,6 +220,9 @@ class CkptConfig:
 class Config:
     out_dir: str = "out/run"
     seed: int = 0
+    # start from another run's parameters (fresh optimizer, data and schedule; jaxlm/train/init_from.py):
+    # "" = random init | ckpt:OUT_DIR (its latest step) | ckpt:OUT_DIR@STEP | hf:HF_DIR
+    init_from: str = ""
     distributed: bool = False  # multi-process run: jaxlm.distributed.initialize (docs/multihost.md)
     # Explicit cluster (auto-detected on Cloud TPU, Slurm, Open MPI; give them elsewhere):
     coordinator_address: str = ""  # host:port of process 0 ("" = auto / $JAX_COORDINATOR_ADDRESS)
@@ -194,6 +235,57 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+    def __post_init__(self):
+        if self.init_from:
+            parse_init_from(self.init_from)  # ConfigError if malformed
+
+
+def check_infinite(t: TrainConfig) -> None:
+    """The infinite schedules' phases (jaxlm/optim/schedules.py); ConfigError if inconsistent."""
+    infinite = t.schedule.startswith("infinite_")
+    if t.schedule_offset and not infinite:
+        raise ConfigError(f"train.schedule_offset={t.schedule_offset} only applies to the infinite "
+                          f"schedules (train.schedule=infinite_cosine|infinite_rsqrt), not "
+                          f"{t.schedule}; cosine/wsd re-warm and re-decay on a fresh schedule")
+    for key in ("cooldown_steps", "anneal_steps", "schedule_offset"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
+    if not 0 < t.const_lr_ratio <= 1:
+        raise ConfigError(f"train.const_lr_ratio={t.const_lr_ratio} must be in (0, 1]")
+    if not t.rsqrt_alpha > 0:
+        raise ConfigError(f"train.rsqrt_alpha={t.rsqrt_alpha} must be > 0")
+    if infinite and t.anneal_steps:
+        if t.anneal_steps > t.steps:
+            raise ConfigError(f"train.anneal_steps={t.anneal_steps} is longer than the run "
+                              f"(train.steps={t.steps})")
+        if not t.min_lr_ratio > 0:
+            raise ConfigError("train.anneal_steps anneals exponentially to lr*train.min_lr_ratio, "
+                              "which must be > 0 (e.g. train.min_lr_ratio=0.01)")
+        start = t.steps - t.anneal_steps + t.schedule_offset  # schedule position where it starts
+        if start < t.warmup_steps + t.cooldown_steps:
+            raise ConfigError(
+                f"train.anneal_steps={t.anneal_steps} would start annealing at schedule step "
+                f"{start}, before the constant phase (warmup_steps + cooldown_steps = "
+                f"{t.warmup_steps + t.cooldown_steps}); lower anneal_steps or raise train.steps")
+
+
+def parse_init_from(value: str) -> tuple[str, str, int | None]:
+    """``init_from`` -> (kind, path, step): ("ckpt", "out/a", 500) for ``ckpt:out/a@500``,
+    ("ckpt", "out/a", None) for its latest step, ("hf", DIR, None); ConfigError if malformed.
+    In a ckpt: path the last ``@`` always starts the step number."""
+    kind, sep, rest = value.partition(":")
+    if not sep or kind not in ("ckpt", "hf") or not rest.strip():
+        raise ConfigError(f"init_from={value!r}: write init_from=ckpt:OUT_DIR, "
+                          "init_from=ckpt:OUT_DIR@STEP or init_from=hf:HF_DIR")
+    step = None
+    if kind == "ckpt" and "@" in rest:
+        rest, _, num = rest.rpartition("@")
+        if not num.isdigit() or not rest:
+            raise ConfigError(f"init_from={value!r}: the part after '@' must be a step number "
+                              "(e.g. init_from=ckpt:out/base@500)")
+        step = int(num)
+    return kind, os.path.expanduser(rest), step
 
 
 _EXAMPLES = {bool: "true", int: "8", float: "0.5", str: "text"}

@@ -44,6 +44,17 @@ class RMSNorm(nnx.Module):
         return ops.rms_norm(x, self.scale[...], self.eps)
 
 
+class Bias(nnx.Module):
+    """An additive bias b (zeros at init; last key ``bias``: never weight-decayed), e.g. [H, K]."""
+
+    def __init__(self, shape, names):
+        self.bias = nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=names,
+                              eager_sharding=False)
+
+    def __call__(self, x):
+        return x + self.bias[...].astype(x.dtype)
+
+
 class MLP(nnx.Module):
     """SwiGLU: W_gate, W_up [D_fsdp, F_tensor] (column-parallel), W_down [F_tensor, D_fsdp]."""
 
@@ -61,7 +72,12 @@ class MLP(nnx.Module):
 class SoftmaxAttention(nnx.Module):
     """GQA softmax attention with RoPE; W_q[D_fsdp, H_tensor, K], W_o[H_tensor, K, D_fsdp].
 
-    K = ``model.head_dim`` (0: D / H), so H*K need not equal D (e.g. 64 heads of 128 at D=4096)."""
+    K = ``model.head_dim`` (0: D / H), so H*K need not equal D (e.g. 64 heads of 128 at D=4096).
+    Options for Hugging Face architectures (each off by default, then the computation is the
+    plain one): ``model.attn_bias`` adds biases b_q [H, K], b_k, b_v [KV, K] to the projections
+    (Qwen2); ``model.qk_norm`` applies RMSNorm over K (gain [K], eps ``model.norm_eps``) to every
+    q and k head before RoPE (Qwen3); ``model.rope_scaling=llama3`` remaps RoPE frequencies
+    (Llama 3.1, :func:`jaxlm.ops.rope.llama3_inv_freq`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs, layer: int = 0):
         d, h, kv, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.init_std
@@ -76,6 +92,27 @@ class SoftmaxAttention(nnx.Module):
         self.wo = make_dense(cfg, (h, hd), (d,), ("heads", "head_dim", "embed"),
                              std=std / (2 * cfg.n_layers) ** 0.5, rngs=rngs)
         self.kv_shape = (kv, hd)
+        self.rope_scaling = cfg.rope_scaling_args  # None or ("llama3", ...) (hashable, static)
+        self.has_bias, self.qk_norm = cfg.attn_bias, cfg.qk_norm
+        if cfg.attn_bias:
+            self.bq = Bias((h, hd), ("heads", "head_dim"))
+            self.bk = Bias((kv, hd), ("kv_heads", "head_dim"))
+            self.bv = Bias((kv, hd), ("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+
+    def _qkv(self, x, positions):
+        """x [B, T, D] -> q [B, T, H, K], k, v [B, T, KV, K]: projections (+ bias), q/k norm,
+        RoPE."""
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.has_bias:
+            q, k, v = self.bq(q), self.bk(k), self.bv(v)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = ops.apply_rope(q, positions, self.theta, self.rope_scaling)
+        k = ops.apply_rope(k, positions, self.theta, self.rope_scaling)
+        return q, k, v
 
     def init_cache(self, batch: int, max_len: int, dtype):
         shape = (batch, max_len) + self.kv_shape  # [B, S, KV, K]
@@ -83,9 +120,7 @@ class SoftmaxAttention(nnx.Module):
 
     def __call__(self, x, positions, segment_ids=None, cache=None, cache_index=None,
                  dropout_key=None):
-        q = ops.apply_rope(self.wq(x), positions, self.theta)  # [B, T, H, K]
-        k = ops.apply_rope(self.wk(x), positions, self.theta)  # [B, T, KV, K]
-        v = self.wv(x)  # [B, T, KV, K]
+        q, k, v = self._qkv(x, positions)  # [B, T, H, K], [B, T, KV, K] x 2
         if cache is None:
             o = ops.attention(q, k, v, segment_ids, impl=self.impl, dropout_rate=self.dropout,
                               dropout_key=dropout_key)
