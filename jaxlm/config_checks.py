@@ -31,7 +31,7 @@ _CHOICES = {
     "data.mode": ("concat", "pack", "dd"),
     "data.curriculum_weights": ("paper", "repo"),
     "data.dd_overflow": ("random", "greedy"),
-    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.schedule": ("cosine", "wsd", "constant", "infinite_cosine", "infinite_rsqrt"),
     "optim.name": ("adamw", "galore", "fira", "lowrank", "sltrain"),
 }
 

@@ -162,8 +162,9 @@ def own_out_dir(cfg: Config):
 
 def restore_or_init(cfg: Config, spec: StateSpec, ckpt: Checkpointer, train_iter):
     """-> (state, restored step or None): the newest usable checkpoint (with the data iterator's
-    position) or a fresh state; ``metrics.jsonl`` is cut back to that step and the resolved
-    config written next to it."""
+    position) or a fresh state -- random, or with ``init_from``'s parameters
+    (jaxlm/train/init_from.py); ``metrics.jsonl`` is cut back to that step and the resolved
+    config written next to it. A checkpoint in out_dir always wins over ``init_from``."""
     def target(saved: Config) -> dict:
         check_compatible(saved, cfg)  # a one-line error naming what differs and what to do
         return spec.abstract_with_shardings()
@@ -171,9 +172,18 @@ def restore_or_init(cfg: Config, spec: StateSpec, ckpt: Checkpointer, train_iter
     found = ckpt.restore_latest(target, train_iter, quarantine=True)
     if found:
         log.info("resumed from %s at step %d", ckpt.dir, found.step)
+        if cfg.init_from:
+            log.info("out_dir holds a checkpoint: resuming it; init_from is ignored (%s)",
+                     cfg.init_from)
         for change in describe_changes(found.config, cfg):  # differs, but resumes fine
             log.info("resuming with a changed setting: %s", change)
-    state = found.state if found else spec.init()
+    if found:
+        state = found.state
+    elif cfg.init_from:
+        from jaxlm.train.init_from import init_state
+        state = init_state(cfg, spec)
+    else:
+        state = spec.init()
     latest = found.step if found else None
     if is_primary():
         try:
