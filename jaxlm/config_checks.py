@@ -125,6 +125,9 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def _check_model(m: ModelConfig) -> None:
+    if m.head_chunk < -1:
+        raise ConfigError(f"model.head_chunk={m.head_chunk} must be -1 (auto), 0 (off) or a "
+                          "number of positions per chunk")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.dropout and m.attn_impl == "fused":

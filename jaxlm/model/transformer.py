@@ -54,6 +54,7 @@ from jaxlm.config import ModelConfig, layer_pattern
 from jaxlm.model.dense import param
 from jaxlm.model.layers import Block, RMSNorm
 from jaxlm.model.linear import TNLBlock, srms_norm
+from jaxlm.ops.head_loss import head_logits
 from jaxlm.sharding import shard
 
 REMAT_POLICIES = {
@@ -134,7 +135,14 @@ class Transformer(nnx.Module):
 
         ``dropout_key`` (training only; ``model.dropout`` > 0): one key split into one per layer,
         each block's attention-probability and residual dropout draw from it. Without it (eval,
-        sampling) nothing is dropped."""
+        sampling) nothing is dropped. Training and eval take :meth:`hidden` and
+        :meth:`head_inputs` instead, to fuse the head with the loss (jaxlm/ops/head_loss.py)."""
+        x, cache = self.hidden(tokens, positions, segment_ids, cache, cache_index, dropout_key)
+        return self.head(x), cache
+
+    def hidden(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None,
+               dropout_key=None):
+        """tokens [B, T] -> (x_L [B, T, D], new cache or None): everything before the head."""
         b, t = tokens.shape
         if positions is None:
             start = 0 if cache_index is None else cache_index
@@ -165,8 +173,7 @@ class Transformer(nnx.Module):
                 x, c = body(x, layer)
                 outs.append(c)
             cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
-        return self.head(x), cache
+        return x, cache
 
     def embed_tokens(self, tokens):
         """tokens [B, T] -> x_0 [B, T, D] = E[tokens] (× √D with ``model.embed_scale``)."""
@@ -179,14 +186,15 @@ class Transformer(nnx.Module):
             x = x * math.sqrt(self.cfg.d_model)  # TNL: √D · E[tokens]
         return shard(x.astype(self.dtype), ("batch", "seq", "act_embed"))
 
-    def head(self, x):
-        """x_L [B, T, D] -> logits [B, T, V] float32: final norm, then the output head."""
-        b, t = x.shape[:2]
+    def head_inputs(self, x):
+        """x_L [B, T, D] -> (final-normed x [B, T, D], head weight W [D, V] in compute dtype)."""
         x = srms_norm(x) if self.final_norm is None else self.final_norm(x)
         w = (self.embed.embedding[...].T if self.cfg.tie_embeddings
              else self.lm_head.kernel[...])  # [D, V]
+        return x, w.astype(self.dtype)
+
+    def head(self, x):
+        """x_L [B, T, D] -> logits [B, T, V] float32: final norm, then the output head."""
         # one 2-D matmul [B*T, D] @ [D, V] (see Dense: no transposed copy of the [B*T, V]
         # logits gradient in the backward pass)
-        logits = jnp.matmul(x.reshape(b * t, -1), w.astype(self.dtype),
-                            preferred_element_type=jnp.float32).reshape(b, t, -1)  # [B, T, V]
-        return shard(logits, ("batch", "seq", "vocab"))
+        return shard(head_logits(*self.head_inputs(x)), ("batch", "seq", "vocab"))

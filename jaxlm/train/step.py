@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import ops
+from jaxlm.ops.head_loss import auto_chunk, head_logits
 from jaxlm.optim import applied_lr
 from jaxlm.sharding import batch_sharding, host_to_global, replicated, shard
 from jaxlm.train.state import StateSpec, merge_buffers, split_buffers
@@ -45,13 +46,25 @@ from jaxlm.train.state import StateSpec, merge_buffers, split_buffers
 def loss_fn(spec: StateSpec, params, batch, denom, z_loss: float = 0.0, dropout_key=None):
     """Summed masked NLL (+ z-loss) of one (micro-)batch divided by ``denom`` tokens."""
     model = spec.model(params)
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                      dropout_key=dropout_key)
-    nll, lse = ops.token_nll(logits, batch["targets"])  # [B, T] each, float32
+    x, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                        dropout_key=dropout_key)
+    nll, lse = head_nll(spec, model, x, batch["targets"])  # [B, T] each, float32
     mask = batch["loss_mask"].astype(jnp.float32)
     nll_sum = (nll * mask).sum()
     total = nll_sum + (z_loss * (jnp.square(lse) * mask).sum() if z_loss else 0.0)
     return total / denom, nll_sum
+
+
+def head_nll(spec: StateSpec, model, x, targets):
+    """x_L [B, T, D] -> (nll, lse) [B, T]: the head and the loss, fused over sequence chunks
+    when the logits would be large (``model.head_chunk``; jaxlm/ops/head_loss.py)."""
+    xn, w = model.head_inputs(x)  # [B, T, D], [D, V]
+    b, t, _ = xn.shape
+    per_device = b // (spec.mesh.shape["data"] * spec.mesh.shape["fsdp"])  # rows per batch shard
+    chunk = auto_chunk(spec.cfg.model.head_chunk, max(per_device, 1), t, w.shape[-1])
+    if not chunk:
+        return ops.token_nll(shard(head_logits(xn, w), ("batch", "seq", "vocab")), targets)
+    return ops.head_nll(xn, w, targets, chunk)
 
 
 def _microbatches(batch, accum: int):
@@ -110,8 +123,8 @@ def all_finite(tree) -> jax.Array:
 def eval_step(spec: StateSpec, params, batch):
     """Summed NLL, target-token count and target bytes of one batch (for loss / ppl / bpb)."""
     model = spec.model(params)
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    nll, _ = ops.token_nll(logits, batch["targets"])
+    x, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    nll, _ = head_nll(spec, model, x, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return {"nll_sum": (nll * mask).sum(), "tokens": mask.sum(),
             "bytes": (batch["target_bytes"] * mask).sum()}
