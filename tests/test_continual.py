@@ -132,9 +132,9 @@ def test_logged_lr_follows_the_infinite_schedule(source):
     assert logged[12] == pytest.approx(3e-3 * 0.05, rel=1e-5)  # annealed to eta_min
 
 
-def start(overrides):
+def start(overrides, preset=TINY):
     """Build a run's spec and restore_or_init it, as run() does, without training."""
-    cfg = load_config(TINY, [*COMMON, *overrides])
+    cfg = load_config(preset, [*COMMON, *overrides])
     cfg = resolve_vocab(cfg, make_data_source(cfg.data).tokenizer.vocab_size)
     spec = StateSpec.build(cfg, make_mesh(cfg.mesh), build_optimizer(cfg))
     with own_out_dir(cfg) as ckpt:
@@ -224,3 +224,23 @@ def test_init_from_with_a_replay_mixture(source, tmp_path, capfd):
     assert result["start_step"] == 0 and result["step"] == 3
     assert set(result["eval"]["sources"]) == {"new", "replay"}
     assert math.isfinite(result["eval"]["bpb"])
+
+
+def test_init_from_hf_gives_the_converted_params(tmp_path):
+    """init_from=hf:DIR reads the HF directory with jaxlm.convert (issue #16 part 1): the same
+    params as its jaxlm-convert hf-to-jaxlm checkpoint, with a fresh optimizer."""
+    hf = pytest.importorskip("jaxlm.convert.hf")
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+    conv = tmp_path / "converted"
+    hf.hf_to_jaxlm(fixture, str(conv))
+    _, _, converted = load_trained(str(conv))
+    preset = str(conv / "config.yaml")
+    _, _, state, _ = start([f"out_dir={tmp_path / 'run'}", f"init_from=hf:{fixture}"], preset)
+    assert same_bits(state["params"], converted)
+    assert int(state["step"]) == 0 and int(state["opt_state"].count) == 0
+    with pytest.raises(ConfigError) as e:  # another vocabulary than the checkpoint's
+        start([f"out_dir={tmp_path / 'other'}", f"init_from=hf:{fixture}", "model.vocab_size=160"],
+              preset)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="no such directory"):
+        start([f"out_dir={tmp_path / 'other'}", f"init_from=hf:{tmp_path / 'nope'}"], preset)
