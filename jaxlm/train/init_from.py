@@ -141,5 +141,9 @@ def _hf_params(cfg: Config, spec: StateSpec, path: str):
     except ImportError as e:
         raise ConfigError(f"init_from=hf:{path}: the Hugging Face importer (jaxlm.convert.hf) "
                           f"is not available ({reason(e)})") from None
-    params = load_hf_params(path, cfg, spec)
+    try:
+        params = load_hf_params(path, cfg, spec)
+    except ConfigError as e:  # e.g. a vocab or width mismatch: say which setting it came from
+        why = str(e).removeprefix(f"{path}: ")
+        raise ConfigError(f"init_from=hf:{path}: {why}") from None
     return jax.device_put(params, spec.shardings["params"]), f"Hugging Face model {path}"
