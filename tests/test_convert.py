@@ -14,7 +14,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -254,8 +253,8 @@ def _write_raw(path, tensors):
 def test_bf16_tensors_are_read_as_float32_and_integers_are_refused(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
     bf = x.astype(ml_dtypes.bfloat16)
-    _write_raw(tmp_path / "model.safetensors", [("a", "BF16", bf), ("h", "F16", x.astype(np.float16)),
-                                                ("i", "I64", np.arange(4))])
+    _write_raw(tmp_path / "model.safetensors",
+               [("a", "BF16", bf), ("h", "F16", x.astype(np.float16)), ("i", "I64", np.arange(4))])
     with Reader(str(tmp_path)) as r:
         got = r.get("a")
         assert got.dtype == np.float32

@@ -154,13 +154,9 @@ def _tokenizer_ids(cfg: Config, out_dir: str) -> tuple[object, int | None, int |
         fits = tok.vocab_size <= cfg.model.vocab_size
         return tok, None, tok.eos_id if fits else None
     _check_vocab(tok.vocab_size, cfg.model.vocab_size, out_dir)
-    bos = None
-    if cfg.data.tokenizer == "hf":
-        tok_dir = (cfg.data.tokenizer_path if os.path.isdir(cfg.data.tokenizer_path)
-                   else os.path.dirname(cfg.data.tokenizer_path))
-        side = os.path.join(tok_dir, "config.json")
-        if os.path.isfile(side):
-            bos = _read_json(side).get("bos_token_id")
+    path = cfg.data.tokenizer_path
+    side = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    bos = _read_json(side).get("bos_token_id") if os.path.isfile(side) else None
     return tok, bos, tok.eos_id
 
 

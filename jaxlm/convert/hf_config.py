@@ -6,7 +6,8 @@ Supported (import): ``LlamaForCausalLM`` (LLaMA 2/3, Llama-3.1 ``rope_scaling`` 
 RMSNorm: ``model.qk_norm``; ``head_dim`` may differ from hidden/heads). Field mapping::
 
     hidden_size -> model.d_model          intermediate_size -> model.d_ff
-    num_hidden_layers -> model.n_layers   num_attention_heads / num_key_value_heads -> n_heads / n_kv_heads
+    num_hidden_layers -> model.n_layers   num_attention_heads -> model.n_heads
+    num_key_value_heads -> model.n_kv_heads (GQA)
     head_dim -> model.head_dim            rms_norm_eps -> model.norm_eps
     rope_theta (or rope_parameters.rope_theta) -> model.rope_theta
     rope_scaling / rope_parameters {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
@@ -82,7 +83,7 @@ def _rope(hf: dict, where: str) -> dict:
     return out
 
 
-def _refuse_unsupported(hf: dict, arch: str, where: str) -> None:
+def _refuse_unsupported(hf: dict, where: str) -> None:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{where}: hidden_act={act!r} is not supported (jaxlm's MLP is SwiGLU, "
@@ -102,7 +103,7 @@ def _window(hf: dict, arch: str) -> int | None:
 def model_overrides(hf: dict, where: str = "config.json") -> tuple[dict, int, str]:
     """config.json dict -> (model.* fields, data.seq_len, architecture)."""
     arch = architecture(hf, where)
-    _refuse_unsupported(hf, arch, where)
+    _refuse_unsupported(hf, where)
     d, heads = int(_need(hf, "hidden_size", where)), int(_need(hf, "num_attention_heads", where))
     head_dim = hf.get("head_dim") or d // heads
     model = {"vocab_size": int(_need(hf, "vocab_size", where)), "d_model": d,

@@ -8,8 +8,8 @@ Weight mapping (transformers LLaMA-family names; layer i; torch ``nn.Linear`` we
     model.layers.i.self_attn.q_proj.weight [H*K, D]   -> blocks/attn/wq/kernel [L, D, H, K]
     model.layers.i.self_attn.{k,v}_proj.weight [KV*K, D] -> blocks/attn/w{k,v}/kernel [L, D, KV, K]
     model.layers.i.self_attn.o_proj.weight [D, H*K]   -> blocks/attn/wo/kernel [L, H, K, D]
-    model.layers.i.self_attn.{q,k,v}_proj.bias        -> blocks/attn/b{q,k,v}/bias [L, H|KV, K]  (Qwen2)
-    model.layers.i.self_attn.{q,k}_norm.weight [K]    -> blocks/attn/{q,k}_norm/scale [L, K]  (Qwen3)
+    model.layers.i.self_attn.{q,k,v}_proj.bias        -> blocks/attn/b{q,k,v}/bias [L, H|KV, K]
+    model.layers.i.self_attn.{q,k}_norm.weight [K]    -> blocks/attn/{q,k}_norm/scale [L, K]
     model.layers.i.post_attention_layernorm.weight    -> blocks/mlp_norm/scale [L, D]
     model.layers.i.mlp.{gate,up}_proj.weight [F, D]   -> blocks/mlp/w_{gate,up}/kernel [L, D, F]
     model.layers.i.mlp.down_proj.weight [D, F]        -> blocks/mlp/w_down/kernel [L, F, D]
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import NamedTuple
 
 import jax
@@ -96,7 +95,7 @@ def hf_shape(shape, n_in: int) -> tuple[int, ...]:
 
 
 def to_jaxlm(a: np.ndarray, n_in: int, shape) -> np.ndarray:
-    """HF tensor -> jaxlm layout of ``shape`` (kernels: [out, in] -> [in, out] -> [in..., out...])."""
+    """HF tensor -> jaxlm layout ``shape`` (kernel: [out, in] -> [in, out] -> [in..., out...])."""
     return (a.T if n_in > 0 else a).reshape(shape)
 
 

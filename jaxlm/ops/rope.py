@@ -50,7 +50,7 @@ def llama3_inv_freq(inv_freq, factor: float, low_freq_factor: float, high_freq_f
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None):
-    """θ [D/2] float32; ``scaling``: None, or ``("llama3", factor, low, high, original_max_pos)``."""
+    """θ [D/2] float32; ``scaling``: None or ("llama3", factor, low, high, original_max_pos)."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [D/2]
     if scaling is None:
         return inv_freq
