@@ -33,7 +33,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LOADER = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from jaxlm.config import DataConfig
 from jaxlm.data.modes import make_data_source
@@ -50,7 +50,8 @@ t_end = time.perf_counter()
 tokens = int(sys.argv[3]) * b["inputs"].size
 print(json.dumps({"startup_s": t_first - t_import, "import_s": t_import - t0,
                   "loader_tokens_per_s": tokens / (t_end - t_first),
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": int(open("/proc/self/status").read().split("VmHWM:")[1]
+                                        .split()[0]) * 1024}))
 """
 
 
