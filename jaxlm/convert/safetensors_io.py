@@ -7,10 +7,12 @@ A sharded checkpoint is ``model-0000k-of-0000n.safetensors`` files plus
 ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map":
 {name: file}}``); an unsharded one is a single ``model.safetensors``.
 
-Reading uses ``safetensors.safe_open(framework="numpy")`` one tensor at a time. numpy has no
-bfloat16, so BF16 tensors are read straight from the file with ``ml_dtypes.bfloat16`` (shipped
-with jax) at the offsets in the header. Every tensor is returned as float32 (F16/BF16/F64 are
-converted); other dtypes (integers, float8) are a one-line ConfigError. Writing streams too: the
+Reading is one tensor at a time: ``safetensors.safe_open(framework="numpy")`` lists each
+file's tensors with their dtypes and shapes, and the bytes of one tensor are read straight into
+one numpy array at the offsets in the header (``np.fromfile``): safe_open's own ``get_tensor``
+holds a tensor twice while reading (bytes, then the array), and numpy has no bfloat16, for which
+``ml_dtypes.bfloat16`` (shipped with jax) is used. Every tensor is returned as float32
+(F16/BF16/F64 are converted); other dtypes (integers, float8) are a one-line ConfigError. Writing streams too: the
 header is computed from the shapes up front, then each tensor is fetched and appended, so host
 memory holds one tensor at a time.
 
@@ -85,6 +87,7 @@ class Reader:
         self.dir = hf_dir
         self.map = weight_map(hf_dir)
         self._open: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
     def __enter__(self):
         return self
@@ -116,13 +119,18 @@ class Reader:
         if dtype not in _FLOAT:
             raise ConfigError(f"tensor {name} in {os.path.basename(path)} has dtype {dtype}, "
                               f"which jaxlm cannot import (supported: {', '.join(_FLOAT)})")
-        if dtype == "BF16":  # numpy has no bfloat16: read the bytes with ml_dtypes' type
-            start, header = _header(path)
-            info = header[name]
-            begin, end = info["data_offsets"]
-            raw = np.fromfile(path, dtype=np.uint8, count=end - begin, offset=start + begin)
-            return raw.view(ml_dtypes.bfloat16).reshape(info["shape"]).astype(np.float32)
-        return np.asarray(self._handle(path).get_tensor(name), dtype=np.float32)
+        if path not in self._headers:
+            self._headers[path] = _header(path)
+        start, header = self._headers[path]
+        info = header[name]
+        begin, end = info["data_offsets"]
+        dt = np.dtype(_FLOAT[dtype]).newbyteorder("<")
+        if (end - begin) != dt.itemsize * int(np.prod(info["shape"], dtype=np.int64)):
+            raise ConfigError(f"tensor {name} in {os.path.basename(path)}: its byte range does "
+                              "not match its shape (a damaged file); download it again")
+        arr = np.fromfile(path, dtype=dt, count=(end - begin) // dt.itemsize,
+                          offset=start + begin).reshape(info["shape"])
+        return arr if arr.dtype == np.float32 else arr.astype(np.float32)
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
