@@ -344,3 +344,37 @@ def test_transformers_loads_the_export_with_equal_logits(imported, arch, tmp_pat
     assert "missing" not in proc.stderr.lower() and "unexpected" not in proc.stderr.lower()
     theirs = np.load(tmp_path / "out.npz")["logits"]
     assert np.abs(theirs - _logits(spec, params, ids)).max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(TORCH_PY), reason="no .venv-torch (see make_fixtures.py)")
+@pytest.mark.parametrize("model_kw", [
+    {"qk_norm": True, "attn_bias": True, "head_dim": 12},  # Qwen3 attention_bias (zero o bias)
+    {"head_dim": 12, "tie_embeddings": True},  # LLaMA with H*K != D
+    {"attn_bias": True, "rope_scaling": "llama3", "rope_original_max_pos": 64}],  # Qwen2 + llama3
+    ids=["qwen3_bias", "llama_head_dim", "qwen2_llama3"])
+def test_transformers_runs_random_jaxlm_exports(model_kw, tmp_path):
+    """Option sets no fixture covers: a random jaxlm model, exported, gives jaxlm's logits in
+    transformers."""
+    cfg, spec = _random_spec({**model_kw, "init_std": 0.4})  # O(1) logits: every weight shows
+    params = _set_all(spec.init()["params"], "bias", 0.3)
+    arch = hf.export_architecture(cfg)
+    zeros = ({f"model.layers.{i}.self_attn.o_proj.bias": (32,) for i in range(2)}
+             if model_kw.get("qk_norm") and model_kw.get("attn_bias") else None)
+    shapes, fetch = export_tensors(cfg, params, zeros)
+    write_sharded(str(tmp_path), shapes, fetch, max_shard_bytes=2**30)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(hf_config(cfg, arch, None, None), f)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 12)).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run([TORCH_PY, os.path.join(FIXTURES, "check_export.py"), str(tmp_path),
+                           str(tmp_path / "ids.npy"), str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"class={arch}" in proc.stdout
+    info = json.loads(proc.stdout.split("loading_info=")[1].splitlines()[0])
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    mine = _logits(spec, params, ids)
+    assert np.abs(mine).max() > 1.0
+    assert np.abs(np.load(tmp_path / "out.npz")["logits"] - mine).max() <= 1e-4
