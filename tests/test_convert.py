@@ -228,6 +228,7 @@ def test_shape_mismatch_and_unknown_tensor_are_refused(tmp_path):
     json.dump({**cfg, "intermediate_size": 96}, open(src / "config.json", "w"))
     msg = _one_line_error(hf.hf_to_jaxlm, str(src), str(tmp_path / "a"))
     assert "mlp.gate_proj.weight" in msg and "[96, 32]" in msg
+    assert not os.path.exists(tmp_path / "a")  # nothing half-written left behind
     json.dump({**cfg, "tie_word_embeddings": True}, open(src / "config.json", "w"))
     hf.hf_to_jaxlm(str(src), str(tmp_path / "b"))  # a tied model may still carry lm_head.weight
     json.dump({**cfg, "architectures": ["Qwen3ForCausalLM"]}, open(src / "config.json", "w"))

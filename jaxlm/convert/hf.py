@@ -117,18 +117,29 @@ def _fresh_state(spec, params: dict) -> dict:
 
 def hf_to_jaxlm(hf_dir: str, out_dir: str, *, overwrite: bool = False) -> Config:
     """Convert the HF model in ``hf_dir`` into a jaxlm run directory ``out_dir`` (module
-    docstring); returns the run's Config. One-line ConfigError for bad input."""
+    docstring); returns the run's Config. One-line ConfigError for bad input; a conversion that
+    fails leaves no half-written run behind in an ``out_dir`` it found empty."""
+    if not os.path.isdir(hf_dir):
+        raise ConfigError(f"{hf_dir} is not a directory; give a Hugging Face model directory")
+    _refuse_nonempty(out_dir, overwrite)
+    fresh = not os.path.isdir(out_dir) or not os.listdir(out_dir)
+    for name in ("checkpoints", "tokenizer"):  # overwrite: replace what a conversion writes
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    try:
+        return _convert_into(hf_dir, out_dir)
+    except BaseException:
+        if fresh:  # it was empty (or absent): remove what this attempt wrote
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _convert_into(hf_dir: str, out_dir: str) -> Config:
     from jaxlm.distributed import is_primary
     from jaxlm.optim import build_optimizer
     from jaxlm.sharding import make_mesh
     from jaxlm.train.checkpoint import Checkpointer
     from jaxlm.train.state import StateSpec
 
-    if not os.path.isdir(hf_dir):
-        raise ConfigError(f"{hf_dir} is not a directory; give a Hugging Face model directory")
-    _refuse_nonempty(out_dir, overwrite)
-    for name in ("checkpoints", "tokenizer"):  # overwrite: replace what a conversion writes
-        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     cfg = _import_config(hf_dir, out_dir)
     spec = StateSpec.build(cfg, make_mesh(cfg.mesh), build_optimizer(cfg))
     state = _fresh_state(spec, load_hf_params(hf_dir, cfg, spec))
@@ -203,16 +214,23 @@ def jaxlm_to_hf(out_dir: str, hf_dir: str, *, overwrite: bool = False,
     cfg, _spec, params = load_trained(out_dir)
     arch = export_architecture(cfg)
     tok, bos, eos = _tokenizer_ids(cfg, out_dir)
+    fresh = not os.path.isdir(hf_dir) or not os.listdir(hf_dir)
     _clear_export(hf_dir)
     os.makedirs(hf_dir, exist_ok=True)
     m = cfg.model
     zeros = ({f"model.layers.{i}.self_attn.o_proj.bias": (m.d_model,) for i in range(m.n_layers)}
              if arch == "Qwen3ForCausalLM" and m.attn_bias else None)
     shapes, fetch = export_tensors(cfg, params, zeros)
-    files = write_sharded(hf_dir, shapes, fetch, max_shard_bytes)
-    _write_json(os.path.join(hf_dir, "config.json"), hf_config(cfg, arch, bos, eos))
-    gen = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}
-    _write_json(os.path.join(hf_dir, "generation_config.json"), gen)
-    _write_tokenizer(cfg, tok, hf_dir)
+    try:
+        files = write_sharded(hf_dir, shapes, fetch, max_shard_bytes)
+        _write_json(os.path.join(hf_dir, "config.json"), hf_config(cfg, arch, bos, eos))
+        gen = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}
+        _write_json(os.path.join(hf_dir, "generation_config.json"), gen)
+        _write_tokenizer(cfg, tok, hf_dir)
+    except OSError as e:
+        if fresh:  # it was empty (or absent): remove the partial export
+            shutil.rmtree(hf_dir, ignore_errors=True)
+        raise ConfigError(f"cannot write {hf_dir}: {e.strerror or e}; free disk space or "
+                          "choose a writable directory") from None
     log.info("wrote %s (%s, %d shard(s))", hf_dir, arch, len(files))
     return files

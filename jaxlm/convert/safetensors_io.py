@@ -12,9 +12,9 @@ file's tensors with their dtypes and shapes, and the bytes of one tensor are rea
 one numpy array at the offsets in the header (``np.fromfile``): safe_open's own ``get_tensor``
 holds a tensor twice while reading (bytes, then the array), and numpy has no bfloat16, for which
 ``ml_dtypes.bfloat16`` (shipped with jax) is used. Every tensor is returned as float32
-(F16/BF16/F64 are converted); other dtypes (integers, float8) are a one-line ConfigError. Writing streams too: the
-header is computed from the shapes up front, then each tensor is fetched and appended, so host
-memory holds one tensor at a time.
+(F16/BF16/F64 are converted); other dtypes (integers, float8) are a one-line ConfigError.
+Writing streams too: the header is computed from the shapes up front, then each tensor is
+fetched and appended, so host memory holds one tensor at a time.
 
 Example::
 
