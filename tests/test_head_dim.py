@@ -98,3 +98,12 @@ def test_configs_saved_before_the_field_still_resume():
     other = load_config("tiny", ["model.vocab_size=256", "model.head_dim=32"])
     with pytest.raises(ConfigError, match="model.head_dim: checkpoint 0 vs now 32"):
         check_compatible(saved, other)
+
+
+@pytest.mark.parametrize("extra", [{"attn_bias": True}, {"qk_norm": True},
+                                   {"attn_bias": True, "qk_norm": True, "head_dim": 32}])
+def test_param_count_counts_biases_and_qk_norms(extra):
+    """The analytic count (the planner's) equals the real model with Qwen2/Qwen3 options."""
+    cfg = ModelConfig(**WIDE, **extra)
+    n = sum(math.prod(x.shape) for x in _leaves(Transformer(cfg, rngs=nnx.Rngs(0))))
+    assert n == param_count(cfg, 61) > param_count(ModelConfig(**WIDE), 61)

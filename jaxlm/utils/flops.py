@@ -57,6 +57,10 @@ def param_count(model_cfg: ModelConfig, vocab_size: int) -> int:
     """Exact number of parameters of the LLaMA model (see the module docstring)."""
     m, v = model_cfg, vocab_size
     per_layer = _layer_matmul_params(m) + 2 * m.d_model
+    if m.attn_bias:  # Qwen2: biases on q, k, v
+        per_layer += (m.n_heads + 2 * m.kv_heads) * m.attn_head_dim
+    if m.qk_norm:  # Qwen3: RMSNorm gains [K] on q and on k
+        per_layer += 2 * m.attn_head_dim
     head = 0 if m.tie_embeddings else m.d_model * v
     return v * m.d_model + m.n_layers * per_layer + m.d_model + head
 
