@@ -167,7 +167,7 @@ class TrainConfig:
     # `nonfinite_skips`, a log line) and go on; stop: end the run with an error at the next
     # metrics fetch, before any checkpoint after it, so the latest checkpoint is the last good.
     nonfinite: str = "skip"  # skip | stop
-    # -- infinite schedules (train.schedule=infinite_cosine|infinite_rsqrt; jaxlm/optim/schedules.py):
+    # -- infinite schedules (train.schedule=infinite_cosine|infinite_rsqrt; optim/schedules.py):
     # warmup -> cooldown to a constant lr -> constant (continuable) -> optional final annealing
     cooldown_steps: int = 200  # infinite_*: updates of the cooldown from lr to const_lr_ratio*lr
     const_lr_ratio: float = 0.25  # infinite_*: the constant phase's lr, as a fraction of lr
@@ -223,7 +223,7 @@ class CkptConfig:
 class Config:
     out_dir: str = "out/run"
     seed: int = 0
-    # start from another run's parameters (fresh optimizer, data and schedule; jaxlm/train/init_from.py):
+    # start from another run's parameters (fresh optimizer, data, schedule; train/init_from.py):
     # "" = random init | ckpt:OUT_DIR (its latest step) | ckpt:OUT_DIR@STEP | hf:HF_DIR
     init_from: str = ""
     distributed: bool = False  # multi-process run: jaxlm.distributed.initialize (docs/multihost.md)

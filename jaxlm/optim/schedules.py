@@ -1,4 +1,4 @@
-"""Learning-rate schedules: linear warmup followed by cosine, WSD, constant, or an infinite schedule.
+"""Learning-rate schedules: linear warmup, then cosine, WSD, constant, or an infinite schedule.
 
 :func:`make_schedule` turns a :class:`~jaxlm.config.TrainConfig` into an ``optax.Schedule`` (a
 jittable ``count -> lr``). The schedule always spans ``train.steps``; ``train.stop_at`` only ends a

@@ -25,8 +25,10 @@ continues where it stopped instead of starting over from the source.
 Example::
 
     jaxlm-train tiny out_dir=out/base data.path=A.txt
-    jaxlm-train tiny out_dir=out/cont init_from=ckpt:out/base data.path=B.txt \\
-        "data.sources=[{name: new, path: B.txt, weight: 0.95}, {name: replay, path: A.txt, weight: 0.05}]"
+    jaxlm-train tiny out_dir=out/cont init_from=ckpt:out/base data.path=B.txt   # no replay
+    jaxlm-train tiny out_dir=out/replay init_from=ckpt:out/base \\
+        "data.sources=[{name: new, path: B.txt, weight: 0.95},
+                       {name: replay, path: A.txt, weight: 0.05}]"
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ def _restore_params(src: Checkpointer, step: int, spec: StateSpec, value: str):
         restored = src.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
     except Exception as e:  # noqa: BLE001 - shapes or files that do not fit: one line
         raise ConfigError(f"init_from={value}: cannot restore the parameters of step {step} "
-                          f"({reason(e)}); the model settings must match the source run's") from None
+                          f"({reason(e)}); the model settings must match the source run's"
+                          ) from None
     expected = (src.manager.metadata(step).custom_metadata or {}).get("checksums") or {}
     got = _checksums(restored)
     bad = sorted(k for k in got if expected.get(k) != got[k])
