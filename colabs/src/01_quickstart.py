@@ -7,7 +7,7 @@
 # ---
 
 # %% [markdown]
-# # jaxlm quickstart: train, plot, sample, evaluate
+# # jaxlm quickstart: train, plot, sample, evaluate — and a Hugging Face model in and out
 #
 # Train the default jaxlm model — a ~0.9M-parameter byte-level LLaMA on the bundled
 # tinyshakespeare (the `shakespeare` preset) — then plot its loss curve from `metrics.jsonl`,
@@ -129,6 +129,84 @@ seen = evaluate_file(cfg.out_dir, DEFAULT_CORPUS, max_batches=4 if TINY else 32)
 held = result["eval"]
 print(f"train-text bpb {seen['bpb']:.3f}  |  held-out bpb {held['bpb']:.3f}  "
       f"(loss {held['loss']:.3f} nats/byte, perplexity {held['ppl']:.2f})")
+
+# %% [markdown]
+# ## 6. A Hugging Face model in, continued pretraining, and back out
+#
+# `jaxlm-convert` (`jaxlm.convert.hf`) reads and writes Hugging Face safetensors checkpoints.
+# We build a tiny *random* LLaMA in HF format — with transformers when it is installed (as on
+# Colab), else by writing its `config.json` and safetensors directly (what the test machine
+# does) — with a 257-token vocabulary so that jaxlm's byte tokenizer fits it. Then: import it,
+# continue pretraining on tinyshakespeare with 10% replay of WikiText-2 standing in for the
+# model's old data (`init_from` + `data.sources`, the recipe of Ibrahim et al. 2024: re-warm,
+# re-decay, replay), export the result, and — with transformers — check that its logits in
+# transformers equal jaxlm's.
+
+# %%
+import json
+import os
+
+from jaxlm.convert.hf import hf_to_jaxlm, jaxlm_to_hf
+
+hf_in, hf_out = f"{OUT}/01_hf_in", f"{OUT}/01_hf_out"
+shape = {"vocab_size": 257, "hidden_size": 64, "intermediate_size": 192,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 256, "tie_word_embeddings": False}
+try:
+    import torch
+    import transformers
+except ImportError:
+    transformers = None
+shutil.rmtree(hf_in, ignore_errors=True)
+if transformers is not None:
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).save_pretrained(hf_in)
+else:  # the same files by hand: config.json + model.safetensors (torch's [out, in] layout)
+    from safetensors.numpy import save_file
+
+    os.makedirs(hf_in)
+    d, f, v, kv = 64, 192, 257, 2 * 16
+    rng = np.random.default_rng(0)
+    w = lambda *s: (rng.standard_normal(s) * 0.02).astype(np.float32)  # noqa: E731
+    tensors = {"model.embed_tokens.weight": w(v, d), "lm_head.weight": w(v, d),
+               "model.norm.weight": np.ones(d, np.float32)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        tensors.update({p + "self_attn.q_proj.weight": w(d, d), p + "self_attn.k_proj.weight":
+                        w(kv, d), p + "self_attn.v_proj.weight": w(kv, d),
+                        p + "self_attn.o_proj.weight": w(d, d), p + "mlp.gate_proj.weight":
+                        w(f, d), p + "mlp.up_proj.weight": w(f, d), p + "mlp.down_proj.weight":
+                        w(d, f), p + "input_layernorm.weight": np.ones(d, np.float32),
+                        p + "post_attention_layernorm.weight": np.ones(d, np.float32)})
+    save_file(tensors, f"{hf_in}/model.safetensors")
+    with open(f"{hf_in}/config.json", "w") as fh:
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0, **shape}, fh)
+
+shutil.rmtree(f"{OUT}/01_hf_jaxlm", ignore_errors=True)
+imported = hf_to_jaxlm(hf_in, f"{OUT}/01_hf_jaxlm")
+print(imported.model)
+
+# %%
+replay = ("data.sources=[{name: shakespeare, path: shakespeare, weight: 0.9}, "
+          "{name: replay, path: wikitext2, weight: 0.1}]")
+cont = load_config(f"{OUT}/01_hf_jaxlm/config.yaml", [
+    f"out_dir={OUT}/01_hf_continued", f"init_from=ckpt:{OUT}/01_hf_jaxlm", replay,
+    "data.seq_len=64", f"train.steps={40 if TINY else 300}", "train.warmup_steps=5",
+    "train.eval_every=20", "train.eval_batches=2", "train.sample_tokens=0", "ckpt.every=0"])
+shutil.rmtree(cont.out_dir, ignore_errors=True)
+done = run(cont)
+print({name: f"{m['bpb']:.3f} bpb" for name, m in done["eval"]["sources"].items()})
+
+shutil.rmtree(hf_out, ignore_errors=True)
+jaxlm_to_hf(cont.out_dir, hf_out)
+print(sorted(os.listdir(hf_out)))
+if transformers is not None:  # the exported model in transformers = the model in jaxlm
+    ids = np.array([[ord(c) for c in "ROMEO: to be"]])
+    hf_logits = transformers.AutoModelForCausalLM.from_pretrained(hf_out)(
+        torch.tensor(ids)).logits.detach().numpy()
+    ours, _ = done["spec"].model(done["state"]["params"])(jax.numpy.asarray(ids))
+    print("max |logits transformers - jaxlm| =", float(np.abs(hf_logits - np.asarray(ours)).max()))
 
 # %% [markdown]
 # **Next.** `02_sharding` runs this model on 8 devices four ways; `03_linear_attention`
