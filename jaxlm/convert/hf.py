@@ -21,7 +21,9 @@ into a new out_dir, not with ``jaxlm-train`` in the converted directory.
 ``model.attn_bias``; Qwen3ForCausalLM with ``model.qk_norm``), ``generation_config.json`` and,
 for a run with ``data.tokenizer=hf``, the tokenizer files, so
 ``transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)`` loads it. A non-empty HF_DIR is
-refused unless ``overwrite`` (then stale shards are removed first).
+refused unless ``overwrite`` (then stale shards are removed first). Export runs in one process
+(``jaxlm-convert`` restores the checkpoint on the host it runs on, onto that host's devices, and
+gathers one tensor at a time from them); run it on one host after a pod run, not inside it.
 
 RoPE layout: **no q/k permutation** either way. HF-format q/k projection weights assume
 rotate-half RoPE (head dimension j pairs with j + K/2), which is what jaxlm.ops.rope applies;
