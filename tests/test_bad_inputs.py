@@ -89,7 +89,7 @@ CASES = [
          "bad value for train.lr: '[1,' is not valid YAML (ParserError); quote or fix it",
          "quote or fix it"),
     Case("unknown key", "train", [T, "train.nope=1"],
-         "unknown config key 'train.nope'; valid keys in train: batch_size, …",
+         "unknown config key 'train.nope'; valid keys in train: anneal_steps, …",
          "valid keys in train"),
     Case("mistyped key", "train", [T, "train.lrr=1e-3"],
          "unknown config key 'train.lrr'; did you mean 'train.lr'?", "did you mean 'train.lr'?"),
