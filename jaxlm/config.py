@@ -167,6 +167,8 @@ class TrainConfig:
     # `nonfinite_skips`, a log line) and go on; stop: end the run with an error at the next
     # metrics fetch, before any checkpoint after it, so the latest checkpoint is the last good.
     nonfinite: str = "skip"  # skip | stop
+    profile: str = ""  # "START:STOP": jax.profiler trace of those steps -> <out_dir>/profile
+    dump_hlo: bool = False  # write each compiled train step's HLO to <out_dir>/hlo/
     # -- infinite schedules (train.schedule=infinite_cosine|infinite_rsqrt; optim/schedules.py):
     # warmup -> cooldown to a constant lr -> constant (continuable) -> optional final annealing
     cooldown_steps: int = 200  # infinite_*: updates of the cooldown from lr to const_lr_ratio*lr

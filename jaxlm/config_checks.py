@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import TYPE_CHECKING
 
 from jaxlm.errors import ConfigError, suggest as _suggest
@@ -155,6 +156,10 @@ def _check_model(m: ModelConfig) -> None:
 
 def _check_train(cfg: Config) -> None:
     t = cfg.train
+    prof = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", t.profile)
+    if t.profile and not (prof and 1 <= int(prof[1]) <= int(prof[2])):
+        raise ConfigError(f"train.profile={t.profile!r}: write START:STOP, the first and last "
+                          "step to trace, 1 <= START <= STOP (e.g. train.profile=5:7)")
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}; "

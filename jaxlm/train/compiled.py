@@ -90,9 +90,10 @@ def check_fits(compiled, shape: tuple[int, int]) -> None:
 class CompiledSteps:
     """Ahead-of-time compiled train steps keyed by batch shape (see the module docstring)."""
 
-    def __init__(self, step_fn, mesh):
+    def __init__(self, step_fn, mesh, on_compile=None):
         self.jitted, self.mesh = step_fn.jitted, mesh  # from jaxlm.train.step.make_train_step
         self.cache: dict = {}
+        self.on_compile = on_compile  # (compiled, shape) -> None, e.g. the HLO dump
 
     def is_new(self, batch) -> bool:
         return tuple(batch["inputs"].shape) not in self.cache
@@ -104,5 +105,7 @@ class CompiledSteps:
             with jax.set_mesh(self.mesh):
                 compiled = self.jitted.lower(state, batch).compile()
             check_fits(compiled, shape)
+            if self.on_compile is not None:
+                self.on_compile(compiled, shape)
             self.cache[shape] = compiled
         return self.cache[shape]

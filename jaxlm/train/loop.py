@@ -56,6 +56,7 @@ from jaxlm.train.checkpoint import Checkpointer, reason
 from jaxlm.train.compat import check_compatible, describe_changes
 from jaxlm.train.compiled import CompiledSteps
 from jaxlm.train.lock import acquire_run_lock
+from jaxlm.train.profile import StepProfiler, dump_hlo
 from jaxlm.train.log_window import LogWindow
 from jaxlm.train.signals import StopFlag
 from jaxlm.train.state import StateSpec, resolve_vocab
@@ -297,6 +298,14 @@ def run(cfg: Config) -> dict:
         return train(cfg, spec, data, ckpt)
 
 
+def _already_complete(cfg: Config, start: int, end: int, ckpt: Checkpointer, result: dict):
+    log.info("the run in %s is already complete at step %d (train.steps=%d%s): nothing to do; "
+             "raise train.steps to train further, or use a new out_dir", cfg.out_dir, start,
+             cfg.train.steps, f", train.stop_at={end}" if cfg.train.stop_at else "")
+    ckpt.close()
+    return result
+
+
 def train(cfg: Config, spec: StateSpec, data, ckpt: Checkpointer) -> dict:
     """Restore or init, then step until ``train.stop_at`` / ``train.steps`` or a signal."""
     mesh = spec.mesh
@@ -312,19 +321,15 @@ def train(cfg: Config, spec: StateSpec, data, ckpt: Checkpointer) -> dict:
               "eval": None, "loss": None, "nonfinite_skips": 0,
               "state": state, "spec": spec, "tokenizer": data.tokenizer, "cfg": cfg}
     if latest is not None and start >= end:
-        log.info("the run in %s is already complete at step %d (train.steps=%d%s): nothing to "
-                 "do; raise train.steps to train further, or use a new out_dir", cfg.out_dir,
-                 start, cfg.train.steps, f", train.stop_at={end}" if cfg.train.stop_at else "")
-        ckpt.close()
-        return result
-
-    steps = CompiledSteps(make_train_step(spec), mesh)
+        return _already_complete(cfg, start, end, ckpt, result)
+    steps = CompiledSteps(make_train_step(spec), mesh, partial(dump_hlo, cfg))
     evaluator = make_evaluator(cfg, spec, data, mesh)
     peak = cfg.peak_flops or measure_peak_flops("float32" if cfg.model.dtype == "float32"
                                                 else "bfloat16", n=1024)
     window = LogWindow(cfg, peak_flops=peak, n_devices=len(jax.devices()), end=end)
     writer = MetricWriter(cfg.out_dir, enabled=is_primary(), total_steps=end, initial_step=start)
-    with StopFlag() as stop, _finish_writes_on_error(ckpt, writer):
+    prof = StepProfiler(cfg, start)  # train.profile: a jax.profiler trace of chosen steps
+    with StopFlag() as stop, _finish_writes_on_error(ckpt, writer), contextlib.closing(prof):
         step = start
         while step < end:
             batch = host_to_global(next(train_iter), mesh)
@@ -335,6 +340,7 @@ def train(cfg: Config, spec: StateSpec, data, ckpt: Checkpointer) -> dict:
             window.before_step(state, compiling=compiling)
             state, metrics = steps.get(state, batch)(state, batch)
             step += 1
+            prof.after(step, state)
             window.after_step(step, metrics, batch["inputs"].shape[1])
             stop.step_done()
             if window.due(step):

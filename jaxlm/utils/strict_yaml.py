@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from jaxlm.errors import ConfigError
@@ -39,6 +41,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     "YAML would silently drop the first one — merge them into one")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads "3:4" as the base-60 integer 184 (and "1:30.5" as a float), which no config
+# value means: a step range (train.profile=5:7) must stay the string it is. Drop the implicit
+# int/float resolvers and re-add them without their sexagesimal forms.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:int",
+                                                     "tag:yaml.org,2002:float")]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 
 def yaml_load(text, source: str = "<string>"):
