@@ -221,7 +221,9 @@ def _prepare(argv) -> int:
                    help=".txt (cut into documents at blank lines), .jsonl, .jsonl.gz, .parquet "
                         "files, directories and globs of them, hf:NAME_OR_PATH")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", default="byte", choices=("byte", "gpt2", "sentencepiece", "hf"))
+    from jaxlm.data.tokenizer import TOKENIZER_NAMES
+
+    p.add_argument("--tokenizer", default="byte", choices=TOKENIZER_NAMES)
     p.add_argument("--tokenizer-path", default="",
                    help="gpt2: dir with vocab.json+merges.txt, sentencepiece: .model ('' = "
                         "bundled); hf: a tokenizer.json or its directory (required)")

@@ -49,11 +49,13 @@ from typing import Callable
 import grain
 
 from jaxlm.config import ConfigError, DataConfig
+from jaxlm.data.pipeline import HeldOut
 
 
-class MixtureDataSource:
+class MixtureDataSource(HeldOut):
     """The sources of ``cfg.sources``, each built by ``build`` (a mode's constructor) from
-    ``cfg`` with that source's ``path`` / ``val_path``; follows the DataSource protocol."""
+    ``cfg`` with that source's ``path`` / ``val_path``; follows the DataSource protocol
+    (``train_iterator`` from :class:`HeldOut`; ``eval_batches`` pools the sources' sets)."""
 
     def __init__(self, cfg: DataConfig, build: Callable[[DataConfig], object]):
         self.cfg = cfg
@@ -87,9 +89,6 @@ class MixtureDataSource:
                 kw["total_steps"] = total_steps  # dd: each source's cycles span the run
             parts[name] = src.train_dataset(**kw)
         return grain.IterDataset.mix(parts, dict(self.weights))
-
-    def train_iterator(self, **kw) -> grain.DatasetIterator:
-        return iter(self.train_dataset(**kw))
 
     def eval_groups(self, *, batch_size: int, num_batches: int, process_index: int = 0,
                     process_count: int = 1) -> dict[str, list[dict]]:

@@ -353,7 +353,7 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
-_NAMES = ("byte", "gpt2", "sentencepiece", "hf")
+TOKENIZER_NAMES = _NAMES = ("byte", "gpt2", "sentencepiece", "hf")
 
 
 def get_tokenizer(name: str, path: str = "") -> Tokenizer:
