@@ -1,7 +1,7 @@
 """Typed, frozen run configuration: YAML presets plus ``section.key=value`` overrides.
 
 A run is described by one :class:`Config` made of small frozen dataclasses (model, data, train,
-optim, mesh, ckpt). Presets live in ``configs/*.yaml``; any field can be overridden on the command
+optim, mesh, ckpt, log). Presets live in ``configs/*.yaml``; any field can be overridden on the command
 line with MaxText-style ``section.key=value`` arguments whose values are parsed as YAML scalars.
 Unknown keys and wrong types are :class:`ConfigError` (one line, naming the key and the fix), so a
 typo never silently trains the wrong model. The resolved config is written next to checkpoints
@@ -57,7 +57,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     attention: str = "softmax"  # attention variant (the linear-attention family plugs in here)
-    attn_impl: str = "reference"  # reference (einsum) | fused (jax.nn.dot_product_attention)
+    # softmax attention kernel (jaxlm/ops/attention.py): auto (cuDNN on GPU, splash on TPU, XLA on
+    # CPU) | reference (einsum, for reading) | xla | cudnn | splash; "fused" = xla (older configs)
+    attn_impl: str = "auto"
+    linear_impl: str = "jax"  # chunked linear attention: jax (pure JAX) | pallas (Pallas kernel)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params always float32)
     remat: str = "none"  # none | full | save_dots
     scan_layers: bool = True
@@ -222,6 +225,14 @@ class CkptConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb; process 0 only)
+    wandb_project: str = "jaxlm"
+    wandb_run: str = ""  # run name; "" = the out_dir's last path component
+    wandb_mode: str = ""  # "" = wandb's default ($WANDB_MODE, else online) | online | offline
+
+
+@dataclass(frozen=True)
 class Config:
     out_dir: str = "out/run"
     seed: int = 0
@@ -240,6 +251,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
         if self.init_from:
@@ -377,7 +389,7 @@ def _set_path(tree: dict, dotted: str, value) -> None:
         else value
 
 
-_SECTIONS = ("model", "data", "train", "optim", "mesh", "ckpt")
+_SECTIONS = ("model", "data", "train", "optim", "mesh", "ckpt", "log")
 
 
 def parse_overrides(overrides: typing.Sequence[str]) -> dict:

@@ -25,7 +25,9 @@ _CHOICES = {
     "model.attention": ("softmax", "linear", "retnet", "tnl", "simple_gla"),
     "model.weights": ("dense", "lowrank", "sltrain"),
     "model.lowrank_init": ("paper", "std_matched"),
-    "model.attn_impl": ("reference", "fused"),
+    "model.attn_impl": ("auto", "reference", "xla", "cudnn", "splash", "fused"),
+    "model.linear_impl": ("jax", "pallas"),
+    "log.wandb_mode": ("", "online", "offline"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),
     "data.tokenizer": ("byte", "gpt2", "sentencepiece", "hf"),
@@ -131,9 +133,10 @@ def _check_model(m: ModelConfig) -> None:
                           "number of positions per chunk")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-    if m.dropout and m.attn_impl == "fused":
+    if m.dropout and m.attn_impl not in ("auto", "reference"):
         raise ConfigError("model.dropout drops attention probabilities, which "
-                          "model.attn_impl=fused does not expose; use model.attn_impl=reference")
+                          f"model.attn_impl={m.attn_impl} does not expose; use "
+                          "model.attn_impl=reference (or auto, which picks it under dropout)")
     if m.vocab_size < 0:
         raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 0 (0 = from tokenizer)")
     if m.head_dim < 0:
