@@ -1,0 +1,323 @@
+"""Lightning Attention-2 as Pallas TPU kernels (forward and backward), for ``model.linear_impl=pallas``.
+
+Same function as :func:`jaxlm.ops.linear_attention_reset` (form ``chunked``): per batch element and
+head, with g_t = log-decay ≤ 0 ([H] per head or [B, T, H] per token) and optional document resets,
+
+    S_t = e^{g_t} S_{t-1} + k_t v_tᵀ,   o_t = q_tᵀ S_t                      (LA2, arXiv 2401.04658, eq. 2)
+
+tiled in chunks of C rows (LA2 Alg. 1). Inside chunk n, with b_r = Σ_{j≤r} g_j (cumulative within
+the chunk), a_r = e^{b_r}, w_c = e^{b_C − b_c}, λ_n = e^{b_C} (each times its reset mask) and the
+intra matrix D_rc = e^{b_r − b_c} [r ≥ c, same document]:
+
+    O_n = [(Q Kᵀ) ⊙ D] V + diag(a) Q S_n                                    (1)  intra + inter
+    S_{n+1} = λ_n S_n + Kᵀ diag(w) V                                         (2)  state carried in VMEM
+
+The grid is (B, H, N) with the chunk axis N sequential ("arbitrary"): the [K, V] float32 state lives
+in a VMEM scratch buffer across the chunk steps of one (b, h), exactly LA2's "KV in SRAM". The
+backward (LA2 Alg. 2) is two more kernels:
+
+    dQ = [(dO Vᵀ) ⊙ D] K + diag(a) dO S_nᵀ                  forward sweep, S_n recomputed by (2)   (3)
+    dK = [(dO Vᵀ) ⊙ D]ᵀ Q + diag(w) V dS_{n+1}ᵀ             reverse sweep over chunks               (4)
+    dV = [(Q Kᵀ) ⊙ D]ᵀ dO + diag(w) K dS_{n+1}                                                      (5)
+    dS_n = λ_n dS_{n+1} + (diag(a) Q)ᵀ dO,   dS_N = d(final state), dS_0 = d(initial state)       (6)
+
+and the decay gradient needs no kernel: every term of o and S_T depends on the decays only through
+e^{G_t − G_s} (G = global cumsum of g), so ∂L/∂G_t = q_t·dq_t − k_t·dk_t (+ ⟨dS_T, S_T⟩ at t = T)
+and dg_t = Σ_{j≥t} ∂L/∂G_j (the identity fla's simple-GLA backward uses). Resets are masks
+(cumulative reset counts, never g = −∞), so gradients stay finite. All dots accumulate in float32;
+q, k, v may be bfloat16; o has v's dtype; states are float32. T need not be a multiple of C.
+
+Platforms: on TPU the kernels compile with Mosaic (C a multiple of 8, 16 for bfloat16 inputs);
+everywhere else they run in Pallas interpret mode (``jax.lax.platform_dependent`` picks per
+lowering platform, so compiling for a TPU topology from a CPU host gets the real kernel). GPUs are
+refused (the sequential chunk axis is a TPU grid property; use ``model.linear_impl=jax``). Under a
+mesh the call is wrapped in ``jax.shard_map`` (batch over data/fsdp, heads over tensor): a Mosaic
+custom call is not partitioned by XLA.
+
+Why/when: the pure-JAX chunked form materialises the [B, N, C, C, H] intra scores and decays and
+the per-chunk states in HBM; the kernel keeps them in VMEM, so HBM traffic is q, k, v, o (and
+their gradients) only — the LA2 argument for long sequences on accelerators. On CPU it is slower
+(interpret mode): use it to test, and train with it on TPU.
+
+Example::
+
+    import jax, jax.numpy as jnp
+    from jaxlm.ops.lightning_pallas import lightning_attention
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 40, 2, 8))     # [B, T, H, K=V]
+    g = jnp.log(jnp.array([0.9, 0.99]))                                  # per-head decay [H]
+    o, s = lightning_attention(q, k, v, g, chunk_size=16, return_state=True)  # [2,40,2,8], [2,2,8,8]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxlm.errors import ConfigError
+
+_F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # dot_general dims: A Bᵀ
+_SQ = pl.Squeezed()
+
+
+def _cols(fac):
+    """fac [4, C] rows (b, c, a, w) -> four [C, 1] columns (diagonal pick, no transpose)."""
+    n = fac.shape[1]
+    eye = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) == jax.lax.broadcasted_iota(
+        jnp.int32, (n, n), 1)
+    return [jnp.sum(jnp.where(eye, fac[i:i + 1, :], 0.0), axis=1, keepdims=True)
+            for i in range(4)]
+
+
+def _decay(fac, cols):
+    """D [C, C]: e^{b_r − b_c} for r ≥ c in the same document, else 0 (masked before the exp)."""
+    n = fac.shape[1]
+    b_col, c_col = cols[0], cols[1]
+    causal = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) >= jax.lax.broadcasted_iota(
+        jnp.int32, (n, n), 1)
+    mask = causal & (c_col == fac[1:2, :])
+    return jnp.where(mask, jnp.exp(jnp.where(mask, b_col - fac[0:1, :], 0.0)), 0.0)
+
+
+def _dot(a, b, dims=None):
+    dims = dims or (((a.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, f_ref, s0_ref, o_ref, st_ref, s_scr):
+    """Eqs. (1)-(2) for one chunk of one (batch, head); s_scr [K, V] carries S across chunks."""
+    n = pl.program_id(2)
+
+    @pl.when(n == 0)
+    def _():
+        s_scr[...] = s0_ref[...]
+
+    q, k, v, fac = q_ref[...], k_ref[...], v_ref[...].astype(_F32), f_ref[...]
+    cols = _cols(fac)
+    s = s_scr[...]
+    scores = _dot(q, k, _NT) * _decay(fac, cols)  # [C, C]
+    o = _dot(scores, v) + cols[2] * _dot(q.astype(_F32), s)  # [C, V]
+    o_ref[...] = o.astype(o_ref.dtype)
+    s_scr[...] = cols[2][-1:, :] * s + _dot((k.astype(_F32) * cols[3]).T, v)  # λ_n = a_{C}
+
+    @pl.when(n == pl.num_programs(2) - 1)
+    def _():
+        st_ref[...] = s_scr[...]
+
+
+def _dq_kernel(k_ref, v_ref, do_ref, f_ref, s0_ref, dq_ref, s_scr):
+    """Eq. (3): forward sweep, recomputing S_n with eq. (2)."""
+    n = pl.program_id(2)
+
+    @pl.when(n == 0)
+    def _():
+        s_scr[...] = s0_ref[...]
+
+    k, v, do, fac = k_ref[...].astype(_F32), v_ref[...].astype(_F32), do_ref[...], f_ref[...]
+    do = do.astype(_F32)
+    cols = _cols(fac)
+    s = s_scr[...]
+    dp = _dot(do, v, _NT) * _decay(fac, cols)  # [C, C]
+    dq_ref[...] = (_dot(dp, k) + cols[2] * _dot(do, s, _NT)).astype(dq_ref.dtype)
+    s_scr[...] = cols[2][-1:, :] * s + _dot((k * cols[3]).T, v)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, f_ref, dst_ref, dk_ref, dv_ref, ds0_ref, ds_scr):
+    """Eqs. (4)-(6): reverse sweep (grid step n is chunk N−1−n); ds_scr [K, V] carries dS."""
+    n = pl.program_id(2)
+
+    @pl.when(n == 0)
+    def _():
+        ds_scr[...] = dst_ref[...]
+
+    q, k = q_ref[...].astype(_F32), k_ref[...].astype(_F32)
+    v, do, fac = v_ref[...].astype(_F32), do_ref[...].astype(_F32), f_ref[...]
+    cols = _cols(fac)
+    d = _decay(fac, cols)
+    ds = ds_scr[...]  # dS_{n+1}
+    a_mat = _dot(q, k, _NT) * d  # [C, C]
+    dp = _dot(do, v, _NT) * d
+    dk_ref[...] = (_dot(dp.T, q) + cols[3] * _dot(v, ds, _NT)).astype(dk_ref.dtype)
+    dv_ref[...] = (_dot(a_mat.T, do) + cols[3] * _dot(k, ds)).astype(dv_ref.dtype)
+    ds_scr[...] = cols[2][-1:, :] * ds + _dot((q * cols[2]).T, do)
+
+    @pl.when(n == pl.num_programs(2) - 1)
+    def _():
+        ds0_ref[...] = ds_scr[...]
+
+
+def _specs(shapes, reverse=False):
+    """BlockSpecs: [B, H, T, D] arrays in [C, D] chunk blocks, fac [B, H, N, 4, C] in [4, C]
+    blocks, states [B, H, K, V] whole per (b, h). ``shapes``: list of (kind, C, D)."""
+    def chunk_idx(n):
+        return pl.num_programs(2) - 1 - n if reverse else n
+
+    out = []
+    for kind, rows, cols in shapes:
+        if kind == "seq":
+            out.append(pl.BlockSpec((_SQ, _SQ, rows, cols),
+                                    lambda b, h, n: (b, h, chunk_idx(n), 0)))
+        elif kind == "fac":
+            out.append(pl.BlockSpec((_SQ, _SQ, _SQ, 4, cols),
+                                    lambda b, h, n: (b, h, chunk_idx(n), 0, 0)))
+        else:  # state
+            out.append(pl.BlockSpec((_SQ, _SQ, rows, cols), lambda b, h, n: (b, h, 0, 0)))
+    return out
+
+
+def _call(kernel, ins, in_kinds, out_shapes, out_kinds, n_chunks, state_dims, reverse, interpret):
+    b, h = ins[0].shape[:2]
+    return pl.pallas_call(
+        kernel, grid=(b, h, n_chunks),
+        in_specs=_specs(in_kinds, reverse),
+        out_specs=(tuple(_specs(out_kinds, reverse)) if isinstance(out_shapes, tuple)
+                   else _specs(out_kinds, reverse)[0]),
+        out_shape=out_shapes,
+        scratch_shapes=[pltpu.VMEM(state_dims, _F32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret)(*ins)
+
+
+def _run(name, *args, **kw):
+    """The kernel call ``name`` compiled by Mosaic on TPU, interpreted on any other platform."""
+    fn = globals()[name]
+    return jax.lax.platform_dependent(*args, tpu=functools.partial(fn, interpret=False, **kw),
+                                      default=functools.partial(fn, interpret=True, **kw))
+
+
+def _fwd_call(q, k, v, fac, s0, *, chunk, interpret):
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    sds = jax.ShapeDtypeStruct
+    return _call(_fwd_kernel, (q, k, v, fac, s0),
+                 [("seq", chunk, dk), ("seq", chunk, dk), ("seq", chunk, dv), ("fac", 4, chunk),
+                  ("state", dk, dv)],
+                 (sds((b, h, t, dv), v.dtype), sds((b, h, dk, dv), _F32)),
+                 [("seq", chunk, dv), ("state", dk, dv)], t // chunk, (dk, dv), False, interpret)
+
+
+def _dq_call(k, v, do, fac, s0, *, chunk, dtype, interpret):
+    b, h, t, dk = k.shape
+    dv = v.shape[-1]
+    return _call(_dq_kernel, (k, v, do, fac, s0),
+                 [("seq", chunk, dk), ("seq", chunk, dv), ("seq", chunk, dv), ("fac", 4, chunk),
+                  ("state", dk, dv)],
+                 jax.ShapeDtypeStruct((b, h, t, dk), dtype), [("seq", chunk, dk)],
+                 t // chunk, (dk, dv), False, interpret)
+
+
+def _dkv_call(q, k, v, do, fac, dst, *, chunk, interpret):
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    sds = jax.ShapeDtypeStruct
+    seq = [("seq", chunk, dk), ("seq", chunk, dk), ("seq", chunk, dv), ("seq", chunk, dv)]
+    return _call(_dkv_kernel, (q, k, v, do, fac, dst),
+                 seq + [("fac", 4, chunk), ("state", dk, dv)],
+                 (sds((b, h, t, dk), k.dtype), sds((b, h, t, dv), v.dtype),
+                  sds((b, h, dk, dv), _F32)),
+                 [("seq", chunk, dk), ("seq", chunk, dv), ("state", dk, dv)],
+                 t // chunk, (dk, dv), True, interpret)
+
+
+def _to_kernel(q, k, v, g, c, chunk):
+    """[B, T, H, D] -> [B, H, N·C, D] (zero-padded tail) and fac [B, H, N, 4, C] = rows
+    (b, c − c_prev, a, w) of eqs. (1)-(2): in-chunk cumsum, relative reset count, row and key
+    decays with their reset masks. A padded tail (zero k, v; g = 0) leaves the state unchanged."""
+    b, t, h, _ = q.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        q, k, v, g = padt(q), padt(k), padt(v), padt(g)
+        c = jnp.pad(c, [(0, 0), (0, pad)], mode="edge")
+    bc = jnp.cumsum(g.reshape(b, n, chunk, h), axis=2)  # [B, N, C, H] b_r
+    cc = c.reshape(b, n, chunk)  # [B, N, C]
+    c_prev = jnp.concatenate([jnp.zeros((b, 1), c.dtype), cc[:, :-1, -1]], axis=1)  # [B, N]
+    a = jnp.exp(bc) * (cc == c_prev[:, :, None])[..., None]  # [B, N, C, H]
+    same_end = (cc == cc[:, :, -1:])[..., None]  # [B, N, C, 1]
+    w = jnp.where(same_end, jnp.exp(jnp.where(same_end, bc[:, :, -1:] - bc, 0.0)), 0.0)
+    crel = jnp.broadcast_to((cc - c_prev[:, :, None]).astype(_F32)[..., None], bc.shape)
+    fac = jnp.stack([bc, crel, a, w], axis=3).transpose(0, 4, 1, 3, 2)  # [B, H, N, 4, C]
+    tr = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, D] -> [B, H, T, D]
+    return tr(q), tr(k), tr(v), fac
+
+
+def _from_kernel(x, t):
+    return jnp.swapaxes(x, 1, 2)[:, :t]  # [B, H, T', D] -> [B, T, H, D]
+
+
+def _impl(q, k, v, g, c, s0, chunk):
+    qt, kt, vt, fac = _to_kernel(q, k, v, g, c, chunk)
+    o, s = _run("_fwd_call", qt, kt, vt, fac, s0, chunk=chunk)
+    return _from_kernel(o, q.shape[1]), s
+
+
+def _impl_fwd(q, k, v, g, c, s0, chunk):
+    o, s = _impl(q, k, v, g, c, s0, chunk)
+    return (o, s), (q, k, v, g, c, s0, s)
+
+
+def _impl_bwd(chunk, res, cts):
+    """Eqs. (3)-(6) by kernels; dg from ∂L/∂G_t = q_t·dq_t − k_t·dk_t (+ ⟨dS_T, S_T⟩ at T)."""
+    q, k, v, g, c, s0, s_t = res
+    do, ds_t = cts
+    t = q.shape[1]
+    qt, kt, vt, fac = _to_kernel(q, k, v, g, c, chunk)
+    dot = _to_kernel(q, k, do, g, c, chunk)[2]  # dO in the same [B, H, T', V] layout
+    dq = _run("_dq_call", kt, vt, dot, fac, s0, chunk=chunk, dtype=_F32)
+    dk, dv, ds0 = _run("_dkv_call", qt, kt, vt, dot, fac, ds_t.astype(_F32), chunk=chunk)
+    dq, dk, dv = (_from_kernel(x, t) for x in (dq, dk, dv))  # [B, T, H, D]
+    dgc = (jnp.sum(q.astype(_F32) * dq, -1) - jnp.sum(k.astype(_F32) * dk.astype(_F32), -1))
+    dgc = dgc.at[:, -1].add(jnp.sum(ds_t * s_t, axis=(-2, -1)))  # [B, T, H] ∂L/∂G_t
+    dg = jnp.cumsum(dgc[:, ::-1], axis=1)[:, ::-1]  # dg_t = Σ_{j≥t} ∂L/∂G_j
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, None, ds0
+
+
+_lightning = jax.custom_vjp(_impl, nondiff_argnums=(6,))
+_lightning.defvjp(_impl_fwd, _impl_bwd)
+
+
+def _sharded(fn, q, g, c, s0):
+    """``fn`` wrapped in jax.shard_map over the active mesh (batch over data/fsdp, heads over
+    tensor; a dim the mesh does not divide stays whole), or ``fn`` itself without a mesh."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxlm.sharding import fit_spec, logical_to_spec
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn
+    bt, hd = logical_to_spec(("batch",))[0], logical_to_spec(("heads",))[0]
+    spec = lambda entries, shape: fit_spec(P(*entries), shape, mesh, "linear attention")
+    sq = spec((bt, None, hd, None), q.shape)  # q, k, v, o [B, T, H, D]
+    sg = spec((bt, None, hd), g.shape)
+    sc = P(sq[0], None)  # c [B, T]
+    ss = P(sq[0], sq[2], None, None)  # states [B, H, K, V]
+    return jax.shard_map(fn, mesh=mesh, in_specs=(sq, sq, sq, sg, sc, ss), out_specs=(sq, ss),
+                         check_vma=False)
+
+
+def lightning_attention(q, k, v, log_decay=None, reset=None, *, chunk_size=64,
+                        initial_state=None, return_state=False):
+    """Chunked linear attention by the Pallas kernels; the arguments and result of
+    :func:`jaxlm.ops.linear_attention_reset` (q, k [B, T, H, K]; v [B, T, H, V]; log_decay None |
+    [H] | [B, T, H]; reset [B, T] bool; initial_state [B, H, K, V]) with form ``chunked``."""
+    from jaxlm.ops.linear_attention import _prepare
+
+    if jax.default_backend() == "gpu":
+        raise ConfigError("model.linear_impl=pallas is a TPU kernel (interpret mode elsewhere); "
+                          "on GPU use model.linear_impl=jax")
+    if chunk_size < 1:
+        raise ConfigError(f"model.linear_chunk must be >= 1, got {chunk_size}")
+    g, c = _prepare(q, k, v, log_decay, reset)  # g [B, T, H] float32, c [B, T] int32
+    b, t, h, dk = q.shape
+    s0 = (jnp.zeros((b, h, dk, v.shape[-1]), _F32) if initial_state is None
+          else jnp.asarray(initial_state, _F32))  # [B, H, K, V]
+    fn = functools.partial(_lightning, chunk=min(chunk_size, t))
+    o, s = _sharded(fn, q, g, c, s0)(q, k, v, g, c, s0)
+    return (o, s) if return_state else o
