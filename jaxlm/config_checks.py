@@ -17,6 +17,7 @@ import re
 from typing import TYPE_CHECKING
 
 from jaxlm.errors import ConfigError, suggest as _suggest
+from jaxlm.utils.files import check_local_dir, url_scheme
 
 if TYPE_CHECKING:  # the dataclasses live in jaxlm.config, which imports this module
     from jaxlm.config import Config, DataConfig, MeshConfig, ModelConfig
@@ -87,6 +88,7 @@ def validate(cfg: Config) -> Config:
     _check_train(cfg)
     _check_cluster(cfg)
     _check_sources(cfg.data)
+    _check_local_paths(cfg)
     return cfg
 
 
@@ -224,3 +226,20 @@ def _check_sources(d: DataConfig) -> None:
         if not (s.weight > 0 and math.isfinite(s.weight)):
             raise ConfigError(f"{key}.weight={s.weight} ({s.name}) must be a positive number "
                               "(weights are relative; e.g. 0.9 and 0.1)")
+
+
+def _check_local_paths(cfg: Config) -> None:
+    """``out_dir`` and ``data.cache_dir`` (written) and ``init_from``'s directory (read) must be
+    local or mounted paths, not URLs: ``out_dir=gs://b/run`` is one line saying to mount the
+    bucket with gcsfuse, before anything creates a stray local ``gs:`` directory. (Data files
+    with a URL are refused the same way when the data source opens them: jaxlm/presets.py.)"""
+    check_local_dir(cfg.out_dir, "out_dir")
+    if cfg.data.cache_dir:
+        check_local_dir(cfg.data.cache_dir, "data.cache_dir")
+    kind, _, path = cfg.init_from.partition(":")
+    if url_scheme(path):
+        how = ("download it (huggingface-cli download NAME --local-dir DIR)" if kind == "hf"
+               else "mount the bucket with gcsfuse, or copy it locally")
+        raise ConfigError(f"init_from={cfg.init_from}: {path} is a URL; jaxlm reads checkpoints "
+                          f"and models from local or mounted directories: {how}, and pass "
+                          f"init_from={kind}:LOCAL_DIR")

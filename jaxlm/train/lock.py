@@ -28,6 +28,8 @@ Shared filesystems (what is and is not guaranteed):
   local to the machine that mounts it. Two runs on different machines pointing at one bucket path
   are NOT excluded; give each run its own out_dir there.
 * a filesystem without flock support at all: the run proceeds with a warning, unlocked.
+* an object-store URL (``gs://``, ``s3://``): refused with one line (mount it, e.g. with
+  gcsfuse); flock has no meaning there (jaxlm/utils/files.py :func:`check_local_dir`).
 
 Multi-host runs: every process of one job shares the out_dir, so only the primary process
 (``jax.process_index() == 0``) takes the lock (``primary=True``); the other processes get an
@@ -53,6 +55,7 @@ import socket
 import time
 
 from jaxlm.config import ConfigError
+from jaxlm.utils.files import check_local_dir
 
 log = logging.getLogger("jaxlm")
 LOCK_NAME = ".lock"
@@ -103,6 +106,7 @@ def acquire_run_lock(out_dir: str, *, primary: bool | None = None) -> RunLock:
     ``primary``: whether this process takes the lock; default: the primary process
     (:func:`jaxlm.distributed.is_primary`).
     """
+    check_local_dir(out_dir)  # gs://…: one line (mount it), never a local "gs:" directory
     if primary is None:
         from jaxlm.distributed import is_primary
 

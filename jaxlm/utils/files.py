@@ -8,16 +8,26 @@ every resume). :func:`check_data_file` refuses them up front, naming what the pa
 anything opens it. :func:`write_fix` names the fix for a failed write by its errno (a full disk
 is only one of the causes; "free disk space" for a file in the way would mislead).
 
+Where a run *writes* (``out_dir``, ``data.cache_dir``) must be a local or mounted directory:
+:func:`check_local_dir` refuses a URL (``gs://``, ``s3://``, ``https://``, any ``scheme://``)
+with one line naming the fix -- mount the bucket (gcsfuse, mountpoint-s3) and pass the mount
+path. Without it ``os.makedirs("gs://b/run")`` would quietly create a local directory named
+``gs:`` and the run would "succeed" into it. jaxlm does not write object stores natively: its
+one-writer lock (flock), ``os.replace`` atomic renames and append-mode ``metrics.jsonl`` need a
+filesystem, which gcsfuse provides.
+
 Example::
 
     not_regular_file("/dev/zero")         # 'a character device'
     check_data_file("/dev/zero")          # ConfigError: data.path: /dev/zero is a character ...
+    check_local_dir("gs://b/run")         # ConfigError: out_dir=gs://b/run is a URL; ... gcsfuse
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 
 from jaxlm.errors import ConfigError
@@ -64,3 +74,31 @@ def write_fix(e: BaseException) -> str:
     if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EISDIR):
         return "check that nothing else (a file, another run) is changing the directory"
     return "fix the directory (free disk space, permissions)"
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_MOUNT = {
+    "gs": "mount the bucket with gcsfuse (gcsfuse BUCKET /mnt/BUCKET) and pass "
+          "{key}=/mnt/BUCKET/PATH",
+    "s3": "mount the bucket with mountpoint-s3 or s3fs (mount-s3 BUCKET /mnt/BUCKET) and pass "
+          "{key}=/mnt/BUCKET/PATH",
+    "http": "a web URL cannot be written to; pass a local directory",
+    "https": "a web URL cannot be written to; pass a local directory",
+    "file": "pass the plain path without file://",
+}
+
+
+def url_scheme(path: str) -> str:
+    """'gs' for ``gs://b/x``, 's3', 'https', ...; '' for a local path (``C:/x`` is not a URL)."""
+    m = _URL.match(path or "")
+    return m.group(1).lower() if m else ""
+
+
+def check_local_dir(path: str, key: str = "out_dir") -> None:
+    """ConfigError if ``path`` (the value of config key ``key``) is a URL, not a local or mounted
+    directory; nothing is created or opened."""
+    scheme = url_scheme(path)
+    if scheme:
+        fix = _MOUNT.get(scheme, "mount it with a FUSE filesystem and pass {key}=MOUNT_PATH")
+        raise ConfigError(f"{key}={path} is a URL; jaxlm writes to local or mounted directories "
+                          f"only, not to {scheme}:// directly: {fix.format(key=key)}")
