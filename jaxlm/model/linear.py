@@ -35,6 +35,8 @@ without activation). All TNL weights N(0, init_std) as in the official model cod
 Document packing: ``segment_ids`` reset the recurrent state where a new document starts. Decoding:
 ``init_cache`` returns the O(1) state ``{"state": [B, H, K', V'] float32}``; with a cache, T > 1
 tokens (prefill) run the chunked kernel from the cached state, T = 1 the recurrent step.
+``model.linear_impl=pallas`` runs the chunked form (training, prefill) as the Pallas kernels of
+:mod:`jaxlm.ops.lightning_pallas` (TPU; interpret mode on CPU); decoding stays pure JAX.
 
 Example::
 
@@ -150,7 +152,8 @@ class LinearAttention(nnx.Module):
         state = None if cache is None else cache["state"]
         form = "recurrent" if cache is not None and x.shape[1] == 1 else "chunked"
         o, state = ops.linear_attention_reset(q, k, v, g, reset, form=form, chunk_size=self.chunk,
-                                              initial_state=state, return_state=True)
+                                              initial_state=state, return_state=True,
+                                              impl=self.cfg.linear_impl)
         o = self.finish(o, x)  # [B, T, H, K]
         return self.wo(o), (None if cache is None else {"state": state})
 

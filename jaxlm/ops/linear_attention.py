@@ -27,6 +27,7 @@ Three forms of the same function (tests check them against each other and a floa
 
 State and all accumulations are float32; q, k, v may be bfloat16; o has v's dtype. T need not be a
 multiple of C (the tail is zero-padded: zero k, v and g = 0 leave the state unchanged).
+``impl="pallas"`` runs the chunked form as Pallas kernels instead (:mod:`jaxlm.ops.lightning_pallas`).
 
 Document packing: :func:`linear_attention_reset` takes ``reset [B, T]`` (True where a new document
 starts, i.e. S_t = k_t v_tᵀ + 0·S_{t-1}). It is implemented with cumulative reset counts c_t
@@ -49,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 FORMS = ("chunked", "recurrent", "naive")
+IMPLS = ("jax", "pallas")  # chunked form: pure JAX | Pallas kernels (jaxlm.ops.lightning_pallas)
 _F32 = jnp.float32
 
 
@@ -147,13 +149,23 @@ def _chunked(q, k, v, g, c, s0, chunk):
 
 
 def linear_attention_reset(q, k, v, log_decay=None, reset=None, *, form="chunked", chunk_size=64,
-                           initial_state=None, return_state=False):
+                           initial_state=None, return_state=False, impl="jax"):
     """:func:`linear_attention` with document resets: ``reset [B, T]`` bool, True at a token that
-    starts a new document (the state before it is dropped, as for packed sequences)."""
+    starts a new document (the state before it is dropped, as for packed sequences).
+
+    ``impl`` (form ``chunked`` only): ``jax`` = the pure-JAX tiling below; ``pallas`` = the same
+    math as Pallas kernels (:mod:`jaxlm.ops.lightning_pallas`; TPU, interpret mode on CPU)."""
     if form not in FORMS:
         raise ValueError(f"form={form!r} is not one of {FORMS}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    if impl == "pallas" and form == "chunked":
+        from jaxlm.ops.lightning_pallas import lightning_attention
+
+        return lightning_attention(q, k, v, log_decay, reset, chunk_size=chunk_size,
+                                   initial_state=initial_state, return_state=return_state)
     g, c = _prepare(q, k, v, log_decay, reset)
     b, _, h, dk = q.shape
     s0 = (jnp.zeros((b, h, dk, v.shape[-1]), _F32) if initial_state is None
