@@ -10,10 +10,15 @@ reads key/value head h // (H // KV). Packed sequences pass ``segment_ids`` so a 
 to another document; together with per-document RoPE positions each document sees exactly what it
 would see alone.
 
-Two implementations of the same function, selected by ``impl``:
-  * ``reference`` — the einsum below, written for reading; softmax in float32.
-  * ``fused``     — ``jax.nn.dot_product_attention`` (XLA on CPU/TPU, cuDNN flash attention on GPU
-                    when there is no document mask). Tests check the two agree.
+Implementations of the same function, selected by ``impl`` (``model.attn_impl``):
+  * ``reference`` — the einsum below, written for reading; softmax in float32; the only one with
+                    attention-probability dropout.
+  * ``xla``       — ``jax.nn.dot_product_attention(implementation="xla")`` (``fused`` = old name).
+  * ``cudnn``     — cuDNN flash attention (NVIDIA GPUs; bf16/fp16).
+  * ``splash``    — Pallas splash attention (TPU; interpret mode on CPU).
+  * ``auto``      — cudnn / splash / xla by platform, reference under training dropout.
+Which runs where, their constraints and the resolution rules: :mod:`jaxlm.ops.attention_kernels`.
+Tests check every one against the reference, values and gradients.
 
 Example::
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops import attention_kernels as kernels
 from jaxlm.ops.layers import dropout
 
 _NEG = -1e30  # large negative instead of -inf: a fully masked row stays finite
@@ -62,24 +68,41 @@ def attention_reference(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_key
     return out.reshape(b, t, h, d)
 
 
+def resolve(q, impl: str, *, dropout: bool = False) -> str:
+    """``impl`` (auto | reference | xla | fused | cudnn | splash) -> the impl that runs for q
+    [B, T, H, K] on the devices being compiled for (logged once; see
+    :mod:`jaxlm.ops.attention_kernels`)."""
+    platform, kind = kernels.compile_platform()
+    picked, reason = kernels.resolve_attn_impl(impl, platform, dtype=q.dtype, dropout=dropout,
+                                               head_dim=q.shape[-1], seq_len=q.shape[1],
+                                               device_kind=kind)
+    kernels.log_choice(impl, picked, reason)
+    return picked
+
+
 def attention(q, k, v, segment_ids=None, *, impl: str = "reference", dropout_rate: float = 0.0,
               dropout_key=None):
     """Causal self-attention over a full sequence (training and prefill).
 
     q: [B, T, H, D]; k, v: [B, T, KV, D]; segment_ids: optional [B, T] int (document ids;
-    tokens attend only within their document). Returns [B, T, H, D] in q's dtype. Attention-
-    probability dropout (training only) needs ``reference``: the fused kernel has no dropout.
+    tokens attend only within their document). Returns [B, T, H, D] in q's dtype. ``impl``:
+    auto | reference | xla (alias fused) | cudnn | splash (module docstring). Attention-
+    probability dropout (training only, a ``dropout_key``) needs ``reference`` (``auto`` picks it).
     """
     b, t = q.shape[:2]
-    if impl == "fused" and dropout_key is not None and dropout_rate > 0:
-        raise ValueError("attention dropout needs impl='reference' (the fused kernel has none)")
-    if impl == "fused":
+    training_dropout = dropout_key is not None and dropout_rate > 0
+    impl = resolve(q, impl, dropout=training_dropout)
+    if impl == "xla":
         mask = None
         if segment_ids is not None:
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
-    if impl != "reference":
-        raise ValueError(f"unknown attention impl {impl!r} (reference | fused)")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            implementation="xla")
+    if impl == "cudnn":
+        return kernels.cudnn_attention(q, k, v, segment_ids)
+    if impl == "splash":
+        interpret = kernels.compile_platform()[0] == "cpu"
+        return kernels.splash_attention(q, k, v, segment_ids, interpret=interpret)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = make_mask(pos, pos, segment_ids, segment_ids)
     return attention_reference(q, k, v, mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
