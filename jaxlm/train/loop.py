@@ -327,7 +327,8 @@ def train(cfg: Config, spec: StateSpec, data, ckpt: Checkpointer) -> dict:
     peak = cfg.peak_flops or measure_peak_flops("float32" if cfg.model.dtype == "float32"
                                                 else "bfloat16", n=1024)
     window = LogWindow(cfg, peak_flops=peak, n_devices=len(jax.devices()), end=end)
-    writer = MetricWriter(cfg.out_dir, enabled=is_primary(), total_steps=end, initial_step=start)
+    writer = MetricWriter(cfg.out_dir, enabled=is_primary(), total_steps=end, initial_step=start,
+                          cfg=cfg)  # cfg.log: W&B (jaxlm/utils/wandb_writer.py)
     prof = StepProfiler(cfg, start)  # train.profile: a jax.profiler trace of chosen steps
     with StopFlag() as stop, _finish_writes_on_error(ckpt, writer), contextlib.closing(prof):
         step = start
