@@ -17,8 +17,6 @@ from jaxlm.errors import ConfigError
 from jaxlm.utils.metrics import MetricWriter
 from jaxlm.utils.wandb_writer import ID_FILE, WandbWriter, stable_run_id
 
-wandb = pytest.importorskip("wandb")
-
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
 FAST = ["train.steps=20", "train.log_every=5", "train.eval_every=0", "train.eval_batches=0",
         "ckpt.every=10", "peak_flops=1e12", "log.wandb=true", "log.wandb_project=jaxlm-test"]
@@ -83,6 +81,7 @@ def jsonl(out_dir):
 
 
 def test_offline_wandb_run_logs_what_metrics_jsonl_has_and_resumes_the_same_run(tmp_path):
+    pytest.importorskip("wandb")
     out = str(tmp_path / "my-run")
     assert train_main([TINY, f"out_dir={out}", *FAST, "train.stop_at=10"]) == 0
     assert train_main([TINY, f"out_dir={out}", *FAST]) == 0  # resumes at step 10
@@ -120,6 +119,8 @@ def test_missing_wandb_package_is_one_line_before_training(tmp_path, monkeypatch
 
 
 def test_failing_wandb_init_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
     def init(**_):
         raise wandb.errors.UsageError("api_key not configured (no-tty).\ncall wandb.login")
 
@@ -154,7 +155,7 @@ def test_wandb_failure_mid_run_warns_once_and_logging_goes_on(tmp_path, caplog):
     warnings = [r for r in caplog.records if "W&B logging failed" in r.getMessage()]
     assert len(warnings) == 1 and "at step 3" in warnings[0].getMessage()
     assert run.logged == [(1, {"loss": 4.0, "skipped": True}), (2, {"loss": 3.0, "skipped": True})]
-    assert run.finished == [1]  # finished (marked failed) once, not again on close
+    assert run.finished == []  # dropped, not finished (that could block on a broken service)
     assert [r["step"] for r in jsonl(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
@@ -166,3 +167,15 @@ def test_run_id_is_stable_per_out_dir_and_checked(tmp_path):
     (a / ID_FILE).write_text("my/id\n")
     with pytest.raises(ConfigError, match="not a W&B run id"):
         stable_run_id(str(a))
+
+
+def test_wandb_run_is_finished_on_close_failed_when_closed_by_an_error(tmp_path):
+    ok, bad = _FlakyRun(fail_at=99), _FlakyRun(fail_at=99)
+    with MetricWriter(str(tmp_path / "ok"), tensorboard=False, writers=[WandbWriter(ok)]) as w:
+        w.write(1, {"loss": 1.0})
+    with pytest.raises(KeyError):
+        with MetricWriter(str(tmp_path / "bad"), tensorboard=False,
+                          writers=[WandbWriter(bad)]) as w:
+            raise KeyError("boom")
+    w.close()  # twice: no second finish
+    assert ok.finished == [0] and bad.finished == [1]

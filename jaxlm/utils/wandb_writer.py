@@ -16,9 +16,10 @@ has for those steps. To attach to another W&B run, write its id into that file.
 
 Failures: without the ``wandb`` package, or when ``wandb.init`` fails (not logged in, no network
 in online mode), the run stops at setup with one ConfigError line naming the fix. A failure after
-that (``run.log`` raising: network, disk, a dead wandb service) logs one warning and W&B is
-dropped for the rest of the run: training never dies for a mirror of data that
-``metrics.jsonl`` already holds.
+that (``run.log`` raising: a dead wandb service, a full disk) logs one warning and W&B is
+dropped for the rest of the run (not finished: wandb's exit hook does that), so training never
+dies or blocks for a mirror of data that ``metrics.jsonl`` already holds. Online-mode network
+trouble does not raise at all: wandb retries uploads in its background service.
 
 Example::
 
@@ -125,11 +126,7 @@ class WandbWriter:
         log.warning("W&B logging failed %s (%s: %s); continuing without W&B (metrics.jsonl and "
                     "TensorBoard still record every step)", when, type(e).__name__,
                     " ".join(str(e).split())[:200])
-        run, self.run = self.run, None
-        try:
-            run.finish(exit_code=1)
-        except Exception:  # noqa: BLE001 - already broken; the warning said so
-            pass
+        self.run = None  # no finish(): on a broken service it could block the training loop
 
     def flush(self) -> None:
         pass  # wandb streams in the background; finish() on close waits for it
