@@ -179,3 +179,13 @@ def test_wandb_run_is_finished_on_close_failed_when_closed_by_an_error(tmp_path)
             raise KeyError("boom")
     w.close()  # twice: no second finish
     assert ok.finished == [0] and bad.finished == [1]
+
+
+def test_online_resume_skips_the_steps_wandb_already_holds(tmp_path):
+    run = _FlakyRun(fail_at=99)
+    run.starting_step = 16  # W&B's resumed run: steps 0-15 were logged before the kill
+    with MetricWriter(str(tmp_path), tensorboard=False, writers=[WandbWriter(run)]) as w:
+        for step in (11, 15, 16, 20):  # resumed from the step-10 checkpoint
+            w.write(step, {"loss": float(step)})
+    assert [s for s, _ in run.logged] == [16, 20]
+    assert [r["step"] for r in jsonl(tmp_path)] == [11, 15, 16, 20]

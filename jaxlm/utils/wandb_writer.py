@@ -12,7 +12,8 @@ resume="allow")``. The id is drawn once per ``out_dir`` and kept in ``<out_dir>/
 so a rerun that resumes the checkpoint continues the same W&B run (offline: a new
 ``<out_dir>/wandb/offline-run-*`` directory with the same id, which ``wandb sync`` merges). A
 resume redoes the steps after the last checkpoint identically; W&B keeps the values it already
-has for those steps. To attach to another W&B run, write its id into that file.
+has for those steps (online, the writer skips steps below the resumed run's
+``starting_step``). To attach to another W&B run, write its id into that file.
 
 Failures: without the ``wandb`` package, or when ``wandb.init`` fails (not logged in, no network
 in online mode), the run stops at setup with one ConfigError line naming the fix. A failure after
@@ -88,6 +89,12 @@ class WandbWriter:
 
     def __init__(self, run):
         self.run = run
+        # an online resume: W&B already holds the steps before this (logged before the kill);
+        # jaxlm redoes them identically, and W&B would refuse them noisily: skip them here
+        self.first_step = int(getattr(run, "starting_step", 0) or 0)
+        if self.first_step:
+            log.info("W&B run %s resumed: it already holds steps < %d; logging from there",
+                     getattr(run, "id", "?"), self.first_step)
 
     @classmethod
     def start(cls, cfg, out_dir: str | None = None) -> "WandbWriter":
@@ -115,7 +122,7 @@ class WandbWriter:
         if self.run is None:
             return
         values = numeric(metrics)
-        if not values:
+        if not values or step < self.first_step:
             return
         try:
             self.run.log(values, step=int(step))
