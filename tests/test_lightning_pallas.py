@@ -89,10 +89,10 @@ def _grads(impl, form, chunk, args):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, g, s0)
 
 
-@pytest.mark.parametrize("decay", ["data", "head"])
-def test_gradients_match_float64_and_jax_chunked(decay):
-    """dq, dk, dv, d(log_decay) ([B, T, H] or summed to [H]) and d(initial_state)."""
-    args = inputs(2, t=21, decay=decay)  # resets, initial state, T=21 with C=8
+@pytest.mark.parametrize("decay,dk", [("data", 8), ("head", 8), ("data", 128)])
+def test_gradients_match_float64_and_jax_chunked(decay, dk):
+    """dq, dk, dv, d(log_decay) ([B, T, H] or summed to [H]) and d(initial_state); K=128 ≠ V."""
+    args = inputs(2, t=21, dk=dk, decay=decay)  # resets, initial state, T=21 with C=8
     got = _grads("pallas", "chunked", 8, args)
     with jax.enable_x64():
         ref = _grads("jax", "naive", 8, [np.asarray(a, np.float64) if a.dtype == np.float32

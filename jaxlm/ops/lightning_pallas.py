@@ -51,6 +51,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -150,34 +151,67 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, f_ref, dst_ref, dk_ref, dv_ref, ds0
         ds0_ref[...] = ds_scr[...]
 
 
-def _specs(shapes, reverse=False):
-    """BlockSpecs: [B, H, T, D] arrays in [C, D] chunk blocks, fac [B, H, N, 4, C] in [4, C]
-    blocks, states [B, H, K, V] whole per (b, h). ``shapes``: list of (kind, C, D)."""
-    def chunk_idx(n):
+def _layout(x):
+    """[B, T, H, D] -> the kernel's [B, H, T, D]. (A [B, T, H·D] view with head-column blocks
+    would avoid the transpose, but on TPU merging H into the tiled minor dims is itself a copy:
+    measured no better.)"""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _from_kernel(x, t):
+    return jnp.swapaxes(x, 1, 2)[:, :t]  # [B, H, T', D] -> [B, T, H, D] without the padded tail
+
+
+def _like(x, d, dtype):
+    """ShapeDtypeStruct [B, H, T', d] (a sequence array like ``x`` with last dim ``d``)."""
+    return jax.ShapeDtypeStruct(x.shape[:3] + (d,), dtype)
+
+
+def _specs(arrays, kinds, chunk, reverse):
+    """BlockSpecs over the grid (b, h, n): "seq" [B, H, T', D] arrays in [C, D] chunk blocks,
+    "fac" [B, H, N, 4, C] in [4, C] blocks, "state" [B, H, K, V] whole per (b, h). The reverse
+    sweep visits chunk N−1−n at grid step n."""
+    def idx(n):
         return pl.num_programs(2) - 1 - n if reverse else n
 
     out = []
-    for kind, rows, cols in shapes:
+    for x, kind in zip(arrays, kinds):
         if kind == "seq":
-            out.append(pl.BlockSpec((_SQ, _SQ, rows, cols),
-                                    lambda b, h, n: (b, h, chunk_idx(n), 0)))
+            spec = pl.BlockSpec((_SQ, _SQ, chunk, x.shape[3]),
+                                lambda b, h, n: (b, h, idx(n), 0))
         elif kind == "fac":
-            out.append(pl.BlockSpec((_SQ, _SQ, _SQ, 4, cols),
-                                    lambda b, h, n: (b, h, chunk_idx(n), 0, 0)))
-        else:  # state
-            out.append(pl.BlockSpec((_SQ, _SQ, rows, cols), lambda b, h, n: (b, h, 0, 0)))
+            spec = pl.BlockSpec((_SQ, _SQ, _SQ, 4, chunk), lambda b, h, n: (b, h, idx(n), 0, 0))
+        else:
+            spec = pl.BlockSpec((_SQ, _SQ) + tuple(x.shape[2:]), lambda b, h, n: (b, h, 0, 0))
+        out.append(spec)
     return out
 
 
-def _call(kernel, ins, in_kinds, out_shapes, out_kinds, n_chunks, state_dims, reverse, interpret):
-    b, h = ins[0].shape[:2]
+def _cost(fac, state, ins, outs, matmuls):
+    """XLA's view of a kernel (it cannot see inside a custom call): matmuls = (number of
+    [C, C]x[C, K+V]-sized, number of [C, K]x[K, V]-sized products per chunk)."""
+    b, h, n, _, chunk = fac.shape
+    dk, dv = state.shape[-2:]
+    flops = 2 * b * h * n * chunk * (chunk * (dk + dv) * matmuls[0] + dk * dv * matmuls[1])
+    size = lambda a: math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+    nbytes = sum(size(a) for a in ins) + sum(size(a) for a in outs)
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(b * h * n * chunk * chunk),
+                           bytes_accessed=int(nbytes))
+
+
+def _call(kernel, ins, in_kinds, outs, out_kinds, interpret):
+    """One pallas_call over the grid (B, H, N), chunk axis sequential, state in VMEM scratch."""
+    fac, state = ins[in_kinds.index("fac")], ins[in_kinds.index("state")]
+    b, h, n, _, chunk = fac.shape
+    reverse = kernel is _dkv_kernel
+    matmuls = {_fwd_kernel: (1, 2), _dq_kernel: (1, 2), _dkv_kernel: (2, 3)}[kernel]
+    out_specs = _specs(outs, out_kinds, chunk, reverse)
     return pl.pallas_call(
-        kernel, grid=(b, h, n_chunks),
-        in_specs=_specs(in_kinds, reverse),
-        out_specs=(tuple(_specs(out_kinds, reverse)) if isinstance(out_shapes, tuple)
-                   else _specs(out_kinds, reverse)[0]),
-        out_shape=out_shapes,
-        scratch_shapes=[pltpu.VMEM(state_dims, _F32)],
+        kernel, grid=(b, h, n), out_shape=outs if len(outs) > 1 else outs[0],
+        in_specs=_specs(ins, in_kinds, chunk, reverse),
+        out_specs=tuple(out_specs) if len(outs) > 1 else out_specs[0],
+        scratch_shapes=[pltpu.VMEM(tuple(state.shape[-2:]), _F32)],
+        cost_estimate=_cost(fac, state, ins, outs, matmuls),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret)(*ins)
@@ -190,44 +224,32 @@ def _run(name, *args, **kw):
                                       default=functools.partial(fn, interpret=True, **kw))
 
 
-def _fwd_call(q, k, v, fac, s0, *, chunk, interpret):
-    b, h, t, dk = q.shape
-    dv = v.shape[-1]
-    sds = jax.ShapeDtypeStruct
-    return _call(_fwd_kernel, (q, k, v, fac, s0),
-                 [("seq", chunk, dk), ("seq", chunk, dk), ("seq", chunk, dv), ("fac", 4, chunk),
-                  ("state", dk, dv)],
-                 (sds((b, h, t, dv), v.dtype), sds((b, h, dk, dv), _F32)),
-                 [("seq", chunk, dv), ("state", dk, dv)], t // chunk, (dk, dv), False, interpret)
+def _fwd_call(q, k, v, fac, s0, *, interpret):
+    dv = s0.shape[-1]
+    outs = (_like(v, dv, v.dtype), jax.ShapeDtypeStruct(s0.shape, _F32))
+    return _call(_fwd_kernel, (q, k, v, fac, s0), ("seq", "seq", "seq", "fac", "state"),
+                 outs, ("seq", "state"), interpret)
 
 
-def _dq_call(k, v, do, fac, s0, *, chunk, dtype, interpret):
-    b, h, t, dk = k.shape
-    dv = v.shape[-1]
-    return _call(_dq_kernel, (k, v, do, fac, s0),
-                 [("seq", chunk, dk), ("seq", chunk, dv), ("seq", chunk, dv), ("fac", 4, chunk),
-                  ("state", dk, dv)],
-                 jax.ShapeDtypeStruct((b, h, t, dk), dtype), [("seq", chunk, dk)],
-                 t // chunk, (dk, dv), False, interpret)
+def _dq_call(k, v, do, fac, s0, *, interpret):
+    outs = (_like(k, s0.shape[-2], _F32),)
+    return _call(_dq_kernel, (k, v, do, fac, s0), ("seq", "seq", "seq", "fac", "state"),
+                 outs, ("seq",), interpret)
 
 
-def _dkv_call(q, k, v, do, fac, dst, *, chunk, interpret):
-    b, h, t, dk = q.shape
-    dv = v.shape[-1]
-    sds = jax.ShapeDtypeStruct
-    seq = [("seq", chunk, dk), ("seq", chunk, dk), ("seq", chunk, dv), ("seq", chunk, dv)]
-    return _call(_dkv_kernel, (q, k, v, do, fac, dst),
-                 seq + [("fac", 4, chunk), ("state", dk, dv)],
-                 (sds((b, h, t, dk), k.dtype), sds((b, h, t, dv), v.dtype),
-                  sds((b, h, dk, dv), _F32)),
-                 [("seq", chunk, dk), ("seq", chunk, dv), ("state", dk, dv)],
-                 t // chunk, (dk, dv), True, interpret)
+def _dkv_call(q, k, v, do, fac, dst, *, interpret):
+    dk, dv = dst.shape[-2:]
+    outs = (_like(k, dk, _F32), _like(v, dv, v.dtype),
+            jax.ShapeDtypeStruct(dst.shape, _F32))
+    return _call(_dkv_kernel, (q, k, v, do, fac, dst), ("seq",) * 4 + ("fac", "state"),
+                 outs, ("seq", "seq", "state"), interpret)
 
 
 def _to_kernel(q, k, v, g, c, chunk):
-    """[B, T, H, D] -> [B, H, N·C, D] (zero-padded tail) and fac [B, H, N, 4, C] = rows
-    (b, c − c_prev, a, w) of eqs. (1)-(2): in-chunk cumsum, relative reset count, row and key
-    decays with their reset masks. A padded tail (zero k, v; g = 0) leaves the state unchanged."""
+    """[B, T, H, D] -> [B, H, T', D] (zero-padded to T' = N·C) and fac
+    [B, H, N, 4, C] = rows (b, c − c_prev, a, w) of eqs. (1)-(2): in-chunk cumsum, relative
+    reset count, row and key decays with their reset masks. The padded tail (zero k, v; g = 0)
+    leaves the state unchanged."""
     b, t, h, _ = q.shape
     n = -(-t // chunk)
     pad = n * chunk - t
@@ -243,17 +265,12 @@ def _to_kernel(q, k, v, g, c, chunk):
     w = jnp.where(same_end, jnp.exp(jnp.where(same_end, bc[:, :, -1:] - bc, 0.0)), 0.0)
     crel = jnp.broadcast_to((cc - c_prev[:, :, None]).astype(_F32)[..., None], bc.shape)
     fac = jnp.stack([bc, crel, a, w], axis=3).transpose(0, 4, 1, 3, 2)  # [B, H, N, 4, C]
-    tr = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, D] -> [B, H, T, D]
-    return tr(q), tr(k), tr(v), fac
-
-
-def _from_kernel(x, t):
-    return jnp.swapaxes(x, 1, 2)[:, :t]  # [B, H, T', D] -> [B, T, H, D]
+    return _layout(q), _layout(k), _layout(v), fac
 
 
 def _impl(q, k, v, g, c, s0, chunk):
     qt, kt, vt, fac = _to_kernel(q, k, v, g, c, chunk)
-    o, s = _run("_fwd_call", qt, kt, vt, fac, s0, chunk=chunk)
+    o, s = _run("_fwd_call", qt, kt, vt, fac, s0)
     return _from_kernel(o, q.shape[1]), s
 
 
@@ -268,11 +285,11 @@ def _impl_bwd(chunk, res, cts):
     do, ds_t = cts
     t = q.shape[1]
     qt, kt, vt, fac = _to_kernel(q, k, v, g, c, chunk)
-    dot = _to_kernel(q, k, do, g, c, chunk)[2]  # dO in the same [B, H, T', V] layout
-    dq = _run("_dq_call", kt, vt, dot, fac, s0, chunk=chunk, dtype=_F32)
-    dk, dv, ds0 = _run("_dkv_call", qt, kt, vt, dot, fac, ds_t.astype(_F32), chunk=chunk)
+    dot = _to_kernel(q, k, do, g, c, chunk)[2]  # dO in v's kernel layout
+    dq = _run("_dq_call", kt, vt, dot, fac, s0)  # float32 (dq, dk feed dg below)
+    dk, dv, ds0 = _run("_dkv_call", qt, kt, vt, dot, fac, ds_t.astype(_F32))
     dq, dk, dv = (_from_kernel(x, t) for x in (dq, dk, dv))  # [B, T, H, D]
-    dgc = (jnp.sum(q.astype(_F32) * dq, -1) - jnp.sum(k.astype(_F32) * dk.astype(_F32), -1))
+    dgc = jnp.sum(q.astype(_F32) * dq, -1) - jnp.sum(k.astype(_F32) * dk, -1)
     dgc = dgc.at[:, -1].add(jnp.sum(ds_t * s_t, axis=(-2, -1)))  # [B, T, H] ∂L/∂G_t
     dg = jnp.cumsum(dgc[:, ::-1], axis=1)[:, ::-1]  # dg_t = Σ_{j≥t} ∂L/∂G_j
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, None, ds0
