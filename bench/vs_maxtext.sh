@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # jaxlm vs MaxText: train-step tokens/s of the same tiny LLaMA on this machine's CPU (issue 6).
 #
-# What it does (nothing here runs in CI; it needs PyPI and ~10-20 minutes on a 2-core box):
+# What it does (nothing here runs in CI; it needs PyPI and ~10-20 minutes on a 2-core box the
+# first time; steps 1-2 live in bench/maxtext_env.sh, shared with bench/memory.py):
 #   1. finds a Python >= 3.12 (MaxText's floor) and makes a venv in $VS_MAXTEXT_DIR/venv
 #      (default ~/.cache/jaxlm/vs_maxtext); an existing venv with the right MaxText is reused;
 #   2. installs MaxText $MAXTEXT_VERSION from PyPI (default 0.2.5): the wheel declares its
@@ -35,75 +36,23 @@
 # Figures and what they were measured on: bench/RESULTS.md, "Issue 6: speed vs MaxText".
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-WORK="${VS_MAXTEXT_DIR:-$HOME/.cache/jaxlm/vs_maxtext}"
-MAXTEXT_VERSION="${MAXTEXT_VERSION:-0.2.5}"
 STEPS="${STEPS:-30}"        # MaxText steps; the median is over steps 5..STEPS-1
 REPEATS="${REPEATS:-1}"
-export JAX_PLATFORMS=cpu PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+export JAX_PLATFORMS=cpu
 if [ -n "${THP:-}" ]; then export GLIBC_TUNABLES=glibc.malloc.hugetlb=1; fi
-mkdir -p "$WORK"
 
-# --- 1. a Python >= 3.12 (pyenv shims may answer `command -v` but fail to run: test each one)
-find_python() {
-  local cand
-  for cand in "${PYTHON:-}" python3.13 python3.12 python3 \
-              "$HOME"/.pyenv/versions/3.13*/bin/python "$HOME"/.pyenv/versions/3.12*/bin/python; do
-    [ -n "$cand" ] || continue
-    cand="$(command -v "$cand" 2>/dev/null || true)"
-    if [ -n "$cand" ] && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
-      echo "$cand"; return 0
-    fi
-  done
-  return 1
-}
-
-VENV="$WORK/venv"
-PY="$VENV/bin/python"
-have_venv() {
-  [ -x "$PY" ] && "$PY" - "$MAXTEXT_VERSION" <<'EOF' 2>/dev/null
-import sys
-from importlib.metadata import version
-sys.exit(version("maxtext") != sys.argv[1] or not version("jaxlm"))
-EOF
-}
-
-# --- 2. install (skipped when the venv already has this MaxText and jaxlm)
-if ! have_venv; then
-  BASE_PY="$(find_python)" || { echo "error: MaxText needs Python >= 3.12; none found" >&2; exit 1; }
-  echo "== creating $VENV with $("$BASE_PY" --version)"
-  rm -rf "$VENV"
-  "$BASE_PY" -m venv "$VENV"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip download -q --no-deps "maxtext==$MAXTEXT_VERSION" -d "$WORK/wheels"
-  WHEEL="$(ls "$WORK"/wheels/maxtext-"$MAXTEXT_VERSION"-*.whl | head -1)"
-  "$PY" - "$WHEEL" "$WORK/maxtext-requirements.txt" <<'EOF'
-import sys, zipfile
-name = "dependencies/requirements/generated_requirements/decoupled-requirements.txt"
-with zipfile.ZipFile(sys.argv[1]) as z:
-    open(sys.argv[2], "wb").write(z.read(name))
-EOF
-  echo "== installing MaxText $MAXTEXT_VERSION's requirements (a few minutes)"
-  "$PY" -m pip install -q -r "$WORK/maxtext-requirements.txt"
-  "$PY" -m pip install -q --no-deps "$WHEEL"
-  echo "== installing jaxlm (pip install -e $ROOT)"
-  "$PY" -m pip install -q -e "$ROOT"
-fi
+# --- 1-2. MaxText's venv (found or created by bench/maxtext_env.sh; sets ROOT, WORK, PY, BASE_YML)
+# shellcheck source=bench/maxtext_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/maxtext_env.sh" || exit 1
 "$PY" -c "import jax, maxtext, jaxlm; print('== jax', jax.__version__, '| maxtext', \
 maxtext.__file__.rsplit('/', 2)[0], '| jaxlm', jaxlm.__file__.rsplit('/', 2)[0])"
-BASE_YML="$("$PY" -c "import maxtext, os; print(os.path.join(os.path.dirname(maxtext.__file__), 'configs', 'base.yml'))")"
 
 # --- 3. MaxText: median step time of steps 5..STEPS-1 -> tokens/s (global)
 maxtext_tps() {  # maxtext_tps N_DEVICES LOG
   local ndev="$1" log="$2"
-  DECOUPLE_GCLOUD=TRUE "$PY" -m maxtext.trainers.pre_train.train "$BASE_YML" \
-    run_name=jaxlm_vs_maxtext base_output_directory="$WORK/maxtext_out" hardware=cpu \
-    skip_jax_distributed_system=true enable_checkpointing=false enable_tensorboard=false \
-    model_name=default decoder_block=llama2 base_num_decoder_layers=4 base_emb_dim=256 \
-    base_num_query_heads=4 base_num_kv_heads=4 head_dim=64 base_mlp_dim=1024 vocab_size=32000 \
-    max_target_length=256 per_device_batch_size=8 dtype=float32 weight_dtype=float32 \
-    attention=dot_product remat_policy=full scan_layers=true opt_type=adamw \
-    dataset_type=synthetic steps="$STEPS" ici_fsdp_parallelism="$ndev" >"$log" 2>&1 \
+  maxtext_args "$ndev" "$STEPS"
+  DECOUPLE_GCLOUD=TRUE "$PY" -m maxtext.trainers.pre_train.train "$BASE_YML" "${MAXTEXT_ARGS[@]}" \
+    >"$log" 2>&1 \
     || { tail -30 "$log" >&2; echo "error: MaxText failed (log: $log)" >&2; return 1; }
   "$PY" - "$log" "$ndev" <<'EOF'
 import re, statistics, sys
