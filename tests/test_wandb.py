@@ -6,8 +6,11 @@ is one error line at setup; a W&B failure mid-run is one warning and training go
 import json
 import logging
 import os
+import signal
 import struct
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -189,3 +192,57 @@ def test_online_resume_skips_the_steps_wandb_already_holds(tmp_path):
             w.write(step, {"loss": float(step)})
     assert [s for s, _ in run.logged] == [16, 20]
     assert [r["step"] for r in jsonl(tmp_path)] == [11, 15, 16, 20]
+
+
+def _train_proc(out, tmp_path, *extra):
+    cmd = [sys.executable, "-m", "jaxlm.cli", "train", TINY, f"out_dir={out}", "train.log_every=5",
+           "train.eval_every=0", "ckpt.every=0", "peak_flops=1e12", "log.wandb=true", *extra]
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..")}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=tmp_path, start_new_session=True)
+
+
+def _wait_rows(proc, out, n):
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        path = out / "metrics.jsonl"
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(proc.communicate()[0][-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the wandb service through /proc")
+def test_killed_wandb_service_mid_run_is_one_warning_and_training_finishes(tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    proc = _train_proc(out, tmp_path, "train.steps=200")
+    _wait_rows(proc, out, 2)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    service = [int(c) for c in children if "wandb" in open(f"/proc/{c}/comm").read()]
+    assert service, children
+    for pid in service:
+        os.kill(pid, signal.SIGKILL)
+    log, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, log[-3000:]
+    assert log.count("W&B logging failed") == 1 and "continuing without W&B" in log
+    assert "Traceback" not in log and "Exception ignored" not in log
+    assert jsonl(out)[-1]["step"] == 200 and os.listdir(out / "checkpoints") == ["200"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_checkpoints_and_wandb_keeps_every_row(tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    proc = _train_proc(out, tmp_path, "train.steps=5000")
+    _wait_rows(proc, out, 2)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the wandb service too
+    log, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0 and "Traceback" not in log, log[-3000:]
+    assert len(os.listdir(out / "checkpoints")) == 1
+    rows = jsonl(out)
+    (_, history), = offline_runs(out)
+    assert sorted(history) == [r["step"] for r in rows]
+    assert [history[r["step"]]["loss"] for r in rows] == pytest.approx([r["loss"] for r in rows])

@@ -133,7 +133,14 @@ class WandbWriter:
         log.warning("W&B logging failed %s (%s: %s); continuing without W&B (metrics.jsonl and "
                     "TensorBoard still record every step)", when, type(e).__name__,
                     " ".join(str(e).split())[:200])
-        self.run = None  # no finish(): on a broken service it could block the training loop
+        self.run = None  # no finish(): on a live but stuck service it could block training
+        if isinstance(e, (ConnectionError, EOFError)):  # the wandb service died: tear down its
+            try:  # connection now (fails fast), so no exit hook prints its traceback later
+                import wandb
+
+                wandb.teardown()
+            except BaseException:  # noqa: BLE001 - incl. its SystemExit: never end training
+                pass
 
     def flush(self) -> None:
         pass  # wandb streams in the background; finish() on close waits for it
