@@ -121,6 +121,15 @@ def test_missing_wandb_package_is_one_line_before_training(tmp_path, monkeypatch
     assert not (out / "checkpoints").exists() or not os.listdir(out / "checkpoints")
 
 
+def test_other_processes_never_touch_wandb(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not even the package check runs there
+    cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", "log.wandb=true"])
+    w = MetricWriter(cfg.out_dir, enabled=False, cfg=cfg)  # process != 0
+    w.write(1, {"loss": 1.0})
+    w.close()
+    assert not (tmp_path / "run").exists()
+
+
 def test_failing_wandb_init_is_one_line_naming_the_fix(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
 

@@ -130,8 +130,8 @@ class WandbWriter:
             self._drop(f"at step {step}", e)
 
     def _drop(self, when: str, e: BaseException) -> None:
-        log.warning("W&B logging failed %s (%s: %s); continuing without W&B (metrics.jsonl and "
-                    "TensorBoard still record every step)", when, type(e).__name__,
+        log.warning("W&B logging failed %s (%s: %s); continuing without W&B (metrics.jsonl still "
+                    "records every step)", when, type(e).__name__,
                     " ".join(str(e).split())[:200])
         self.run = None  # no finish(): on a live but stuck service it could block training
         if isinstance(e, (ConnectionError, EOFError)):  # the wandb service died: tear down its
