@@ -39,7 +39,7 @@ or the installed jaxlm refuses: ``name=unavailable:<reason>``) and the check goe
 (``2k`` etc. label the slot, not the size) and what the CPU cannot run is replaced, each with a
 ``# dry-run:`` line: ``cudnn`` -> ``xla``; ``linear_impl=pallas`` runs as the platform allows it
 (Pallas interpret mode) or, if refused, ``jax``; ``peak_hbm_gib`` (CPU has no memory_stats) ->
-XLA's memory analysis of the compiled tiny step (arguments + outputs + temporaries).
+the process's peak RSS.
 
 Example (what the dry run prints, abridged)::
 
@@ -54,6 +54,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import os
 import signal
 import statistics
@@ -100,12 +102,15 @@ class Plan:
     iters: int  # timed calls per attention measurement
 
 
-DEVICE_PLAN = Plan(False, 8192, (), 64, 5, 2, 32, 64, {"2k": 2048, "8k": 8192}, 16384,
-                   {"8k": 8192, "32k": 32768}, 2048, 64, 10)
-DRY_PLAN = Plan(True, 256, ("model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-                            "model.n_kv_heads=4", "model.d_ff=128", "model.vocab_size=512",
-                            "data.seq_len=32"),
-                1, 1, 1, 2, 16, {"2k": 64, "8k": 128}, 128, {"8k": 64, "32k": 128}, 32, 16, 2)
+DEVICE_PLAN = Plan(dry_run=False, matmul_n=8192, model_overrides=(), batch_per_device=64,
+                   steps=5, warmup=2, heads=32, head_dim=64, attn_len={"2k": 2048, "8k": 8192},
+                   attn_tokens=16384, lightning_len={"8k": 8192, "32k": 32768},
+                   lightning_d_model=2048, lightning_chunk=64, iters=10)
+DRY_PLAN = Plan(dry_run=True, matmul_n=256, model_overrides=(
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4",
+    "model.d_ff=128", "model.vocab_size=512", "data.seq_len=32"), batch_per_device=1, steps=1,
+    warmup=1, heads=2, head_dim=16, attn_len={"2k": 64, "8k": 128}, attn_tokens=128,
+    lightning_len={"8k": 64, "32k": 128}, lightning_d_model=32, lightning_chunk=16, iters=2)
 
 
 class Unavailable(Exception):
@@ -177,18 +182,25 @@ def time_call(fn, *args, iters: int) -> float:
     return statistics.median(times)
 
 
-def refused(e: Exception) -> bool:
-    """An impl refused by config checks / dispatch (not a crash inside a kernel)."""
+@contextlib.contextmanager
+def refusal_is_unavailable(label: str):
+    """An impl refused by config checks / dispatch (ConfigError, or a ValueError naming the
+    impl) becomes :class:`Unavailable`; a crash inside a kernel stays an error."""
     from jaxlm.errors import ConfigError
 
-    return isinstance(e, (ConfigError, NotImplementedError)) or (
-        isinstance(e, ValueError) and "impl" in str(e))
+    try:
+        yield
+    except (ConfigError, NotImplementedError, ValueError) as e:
+        if isinstance(e, ValueError) and not isinstance(e, ConfigError) and "impl" not in str(e):
+            raise
+        raise Unavailable(label) from e
 
 
 def peak_probe(plan: Plan) -> dict:
     from jaxlm.utils.flops import measure_peak_flops
 
-    return {"peak_tflops": f"{measure_peak_flops('bfloat16', n=plan.matmul_n, repeats=10) / 1e12:.4g}"}
+    flops = measure_peak_flops("bfloat16", n=plan.matmul_n, repeats=10)
+    return {"peak_tflops": f"{flops / 1e12:.4g}"}
 
 
 def mfu_1b(plan: Plan, remat: str, peak_flops: float) -> dict:
@@ -229,7 +241,9 @@ def small_probe(plan: Plan):
 
 
 def peak_hbm(plan: Plan) -> dict:
-    """Process peak of device memory; on CPU (no memory_stats) the compiled tiny step's bytes."""
+    """Process peak of device memory; on CPU (no memory_stats) the process's peak RSS instead."""
+    import resource
+
     import jax
 
     stats = jax.devices()[0].memory_stats()
@@ -237,33 +251,9 @@ def peak_hbm(plan: Plan) -> dict:
         return {"peak_hbm_gib": f"{stats['peak_bytes_in_use'] / 2**30:.2f}"}
     if not plan.dry_run:
         raise RuntimeError(f"{jax.devices()[0].platform} device has no memory_stats()")
-    note("dry-run: CPU has no memory_stats(); peak_hbm_gib = XLA memory analysis of the tiny "
-         "remat=none step (arguments + outputs + temporaries)")
-    return {"peak_hbm_gib": f"{compiled_step_bytes(plan) / 2**30:.6f}"}
-
-
-def compiled_step_bytes(plan: Plan) -> int:
-    import jax
-
-    from jaxlm.config import load_config
-    from jaxlm.data.pipeline import BATCH_KEYS
-    from jaxlm.optim import build_optimizer
-    from jaxlm.sharding import batch_sharding, make_mesh
-    from jaxlm.train.state import StateSpec
-    from jaxlm.train.step import make_train_step
-
-    batch = plan.batch_per_device * jax.device_count()
-    cfg = load_config("llama_1b", [*plan.model_overrides, "model.dtype=bfloat16",
-                                   "model.remat=none", f"train.batch_size={batch}"])
-    spec = StateSpec.build(cfg, make_mesh(cfg.mesh), build_optimizer(cfg))
-    shape, sharding = (batch, cfg.data.seq_len), batch_sharding(spec.mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, jax.numpy.float32 if k == "loss_mask"
-                                              else jax.numpy.int32, sharding=sharding)
-                      for k in BATCH_KEYS}
-    with jax.set_mesh(spec.mesh):
-        m = make_train_step(spec).jitted.lower(spec.abstract_with_shardings(),
-                                               abstract_batch).compile().memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    note("dry-run: CPU has no memory_stats(); peak_hbm_gib = this process's peak RSS so far "
+         "(ru_maxrss)")
+    return {"peak_hbm_gib": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f}"}
 
 
 def attn_op_ms(plan: Plan, impl: str, seq: int) -> float:
@@ -281,13 +271,9 @@ def attn_op_ms(plan: Plan, impl: str, seq: int) -> float:
     def loss(q, k, v):
         return attention(q, k, v, None, impl=impl).astype(jnp.float32).sum()
 
-    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    try:
-        return time_call(step, q, k, v, iters=plan.iters) * 1e3
-    except Exception as e:
-        if refused(e):
-            raise Unavailable(f"attn_impl={impl}") from e
-        raise
+    with refusal_is_unavailable(f"attn_impl={impl}"):
+        return time_call(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, k, v,
+                         iters=plan.iters) * 1e3
 
 
 def layer_ms(plan: Plan, seq: int, overrides: list) -> float:
@@ -297,36 +283,26 @@ def layer_ms(plan: Plan, seq: int, overrides: list) -> float:
     import jax.numpy as jnp
     from flax import nnx
 
-    import jaxlm.model.linear  # noqa: F401 -- registers model.attention=tnl etc.
     from jaxlm.config import load_config
     from jaxlm.model.layers import ATTENTION
 
-    d, h = plan.lightning_d_model, plan.heads
-    try:
+    importlib.import_module("jaxlm.model.linear")  # registers model.attention=tnl etc.
+    d, h, b = plan.lightning_d_model, plan.heads, max(plan.attn_tokens // seq, 1)
+    with refusal_is_unavailable(" ".join(overrides)):
         m = load_config(None, [f"model.d_model={d}", f"model.n_heads={h}", "model.n_layers=24",
                                f"model.linear_chunk={plan.lightning_chunk}",
                                "model.dtype=bfloat16", *overrides]).model
         layer = ATTENTION[m.attention](m, rngs=nnx.Rngs(0), layer=1)  # layer 1: no TNL LRPE
-    except Exception as e:
-        if refused(e):
-            raise Unavailable(" ".join(overrides)) from e
-        raise
-    graphdef, params = nnx.split(layer)
-    b = max(plan.attn_tokens // seq, 1)
-    x = jax.random.normal(jax.random.key(1), (b, seq, d), jnp.bfloat16)  # [B, T, D]
-    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))  # [B, T]
+        graphdef, params = nnx.split(layer)
+        x = jax.random.normal(jax.random.key(1), (b, seq, d), jnp.bfloat16)  # [B, T, D]
+        pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))  # [B, T]
 
-    def loss(params, x):
-        y, _ = nnx.merge(graphdef, params)(x, pos)
-        return y.astype(jnp.float32).sum()
+        def loss(params, x):
+            y, _ = nnx.merge(graphdef, params)(x, pos)
+            return y.astype(jnp.float32).sum()
 
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    try:
-        return time_call(step, params, x, iters=plan.iters) * 1e3
-    except Exception as e:
-        if refused(e):
-            raise Unavailable(" ".join(overrides)) from e
-        raise
+        return time_call(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x,
+                         iters=plan.iters) * 1e3
 
 
 def cpu_substitute(plan: Plan, impl: str) -> str:
@@ -343,8 +319,6 @@ def cpu_substitute(plan: Plan, impl: str) -> str:
 
 def pallas_layer_ms(plan: Plan, seq: int) -> float:
     """Lightning layer with model.linear_impl=pallas; in a dry run, jax if the platform refuses."""
-    import importlib.util
-
     if importlib.util.find_spec("jaxlm.ops.lightning_pallas") is None:
         raise Unavailable(RuntimeError("this jaxlm has no Pallas lightning kernel "
                                        "(jaxlm/ops/lightning_pallas.py)"))
@@ -415,7 +389,7 @@ def run_all(plan: Plan, budget: Budget) -> None:
     dev = jax.devices()[0]
     note(f"device: {jax.device_count()} x {dev.device_kind} ({dev.platform}), jax "
          f"{jax.__version__}{', DRY RUN (tiny shapes)' if plan.dry_run else ''}")
-    cost = ({"probe": 5, "mfu": 10, "attn": 5, "layer": 5} if plan.dry_run else
+    cost = ({"probe": 5, "mfu": 30, "attn": 5, "layer": 5} if plan.dry_run else
             {"probe": 15, "mfu": 75, "attn": 15, "layer": 20})
     got = guarded(["peak_tflops"], budget, cost["probe"], peak_probe, plan)
     peak = float(got["peak_tflops"]) * 1e12 if "peak_tflops" in got else 0.0
@@ -432,7 +406,7 @@ def main(argv=None) -> int:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (CI)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="total time budget in seconds (default 450 on a device, 300 dry)")
+                   help="total time budget in seconds (default 450 on a device, 900 dry)")
     p.add_argument("--batch", type=int, default=None,
                    help="1B step: sequences of 256 tokens per device (default 64)")
     a = p.parse_args(argv)
@@ -450,9 +424,10 @@ def main(argv=None) -> int:
         print("error: no accelerator here (jax backend cpu); run with --dry-run for the CPU "
               "smoke test", file=sys.stderr)
         return 2
-    budget = Budget(a.budget_s or (300.0 if a.dry_run else 450.0))
+    budget = Budget(a.budget_s or (900.0 if a.dry_run else 450.0))
     run_all(plan, budget)
-    signal.alarm(0) if hasattr(signal, "SIGALRM") else None
+    if hasattr(signal, "SIGALRM"):
+        signal.alarm(0)
     emit("device_check_s", f"{budget.elapsed():.1f}")
     return 0
 

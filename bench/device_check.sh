@@ -8,13 +8,18 @@
 #   bash bench/device_check.sh --budget-s 300 --batch 32
 #
 # PYTHON picks the interpreter (default: the repository's .venv if present, else python3).
-# A hard wall-clock stop at budget + 60 s backs up the script's own time-budget guard.
+# A hard wall-clock stop (DEVICE_CHECK_TIMEOUT_S, default 540 s; dry run 1200 s) backs up the
+# script's own time-budget guard (--budget-s, default 450 s on a device, 900 s dry).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 fi
-for arg in "$@"; do [ "$arg" = "--dry-run" ] && export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"; done
-cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout --signal=TERM 540 \
-  "$PY" bench/device_check.py "$@"
+LIMIT=540
+for arg in "$@"; do
+  if [ "$arg" = "--dry-run" ]; then export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"; LIMIT=1200; fi
+done
+cd "$ROOT" || exit 1
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+  timeout --signal=TERM "${DEVICE_CHECK_TIMEOUT_S:-$LIMIT}" "$PY" bench/device_check.py "$@"
