@@ -72,6 +72,12 @@ def test_bfloat16_inputs_and_one_line_errors():
     assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
     o_ref, _ = ref_np(*(np.asarray(a, np.float32) for a in bf), g, s0, reset)
     assert rel(o.astype(jnp.float32), o_ref) < 2e-2
+    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(linear_attention_reset(
+        q, k, v, g, reset, chunk_size=8, initial_state=s0, impl=impl).astype(jnp.float32)))
+    grads = jax.jit(jax.grad(loss("pallas"), argnums=(0, 1, 2)))(*bf)
+    ref = jax.jit(jax.grad(loss("jax"), argnums=(0, 1, 2)))(*(a.astype(jnp.float32) for a in bf))
+    for a, r in zip(grads, ref):
+        assert a.dtype == jnp.bfloat16 and rel(a.astype(jnp.float32), np.asarray(r)) < 3e-2
     with pytest.raises(ConfigError, match="linear_chunk"):
         lightning_attention(q, k, v, g, chunk_size=0)
     with pytest.raises(ValueError, match="impl"):

@@ -231,32 +231,34 @@ def _fwd_call(q, k, v, fac, s0, *, interpret):
                  outs, ("seq", "state"), interpret)
 
 
-def _dq_call(k, v, do, fac, s0, *, interpret):
-    outs = (_like(k, s0.shape[-2], _F32),)
+def _dq_call(k, v, do, fac, s0, *, dtype, interpret):
+    outs = (_like(k, s0.shape[-2], dtype),)
     return _call(_dq_kernel, (k, v, do, fac, s0), ("seq", "seq", "seq", "fac", "state"),
                  outs, ("seq",), interpret)
 
 
-def _dkv_call(q, k, v, do, fac, dst, *, interpret):
+def _dkv_call(q, k, v, do, fac, dst, *, dtype, interpret):
     dk, dv = dst.shape[-2:]
-    outs = (_like(k, dk, _F32), _like(v, dv, v.dtype),
+    outs = (_like(k, dk, dtype), _like(v, dv, v.dtype),
             jax.ShapeDtypeStruct(dst.shape, _F32))
     return _call(_dkv_kernel, (q, k, v, do, fac, dst), ("seq",) * 4 + ("fac", "state"),
                  outs, ("seq", "seq", "state"), interpret)
 
 
-def _to_kernel(q, k, v, g, c, chunk):
-    """[B, T, H, D] -> [B, H, T', D] (zero-padded to T' = N·C) and fac
-    [B, H, N, 4, C] = rows (b, c − c_prev, a, w) of eqs. (1)-(2): in-chunk cumsum, relative
-    reset count, row and key decays with their reset masks. The padded tail (zero k, v; g = 0)
-    leaves the state unchanged."""
-    b, t, h, _ = q.shape
+def _pad(x, chunk):
+    """Zero-pad axis 1 (T) of [B, T, ...] up to a multiple of ``chunk``."""
+    pad = -x.shape[1] % chunk
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+
+def _factors(g, c, chunk):
+    """fac [B, H, N, 4, C] = rows (b, c − c_prev, a, w) of eqs. (1)-(2): in-chunk cumsum of g
+    [B, T, H], reset count relative to the chunk start (c [B, T]), row and key decays with their
+    reset masks. The padded tail (g = 0, c repeated; zero k, v) leaves the state unchanged."""
+    b, t, h = g.shape
     n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
-        padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-        q, k, v, g = padt(q), padt(k), padt(v), padt(g)
-        c = jnp.pad(c, [(0, 0), (0, pad)], mode="edge")
+    g = _pad(g, chunk)
+    c = jnp.pad(c, [(0, 0), (0, n * chunk - t)], mode="edge")
     bc = jnp.cumsum(g.reshape(b, n, chunk, h), axis=2)  # [B, N, C, H] b_r
     cc = c.reshape(b, n, chunk)  # [B, N, C]
     c_prev = jnp.concatenate([jnp.zeros((b, 1), c.dtype), cc[:, :-1, -1]], axis=1)  # [B, N]
@@ -264,38 +266,40 @@ def _to_kernel(q, k, v, g, c, chunk):
     same_end = (cc == cc[:, :, -1:])[..., None]  # [B, N, C, 1]
     w = jnp.where(same_end, jnp.exp(jnp.where(same_end, bc[:, :, -1:] - bc, 0.0)), 0.0)
     crel = jnp.broadcast_to((cc - c_prev[:, :, None]).astype(_F32)[..., None], bc.shape)
-    fac = jnp.stack([bc, crel, a, w], axis=3).transpose(0, 4, 1, 3, 2)  # [B, H, N, 4, C]
-    return _layout(q), _layout(k), _layout(v), fac
+    return jnp.stack([bc, crel, a, w], axis=3).transpose(0, 4, 1, 3, 2)  # [B, H, N, 4, C]
 
 
-def _impl(q, k, v, g, c, s0, chunk):
-    qt, kt, vt, fac = _to_kernel(q, k, v, g, c, chunk)
+def _impl_fwd(q, k, v, g, c, s0, chunk, grad_dtype):
+    qt, kt, vt = (_layout(_pad(x, chunk)) for x in (q, k, v))  # [B, H, T', D]
+    fac = _factors(g, c, chunk)
     o, s = _run("_fwd_call", qt, kt, vt, fac, s0)
-    return _from_kernel(o, q.shape[1]), s
+    return (_from_kernel(o, q.shape[1]), s), (qt, kt, vt, fac, g, s0, s)
 
 
-def _impl_fwd(q, k, v, g, c, s0, chunk):
-    o, s = _impl(q, k, v, g, c, s0, chunk)
-    return (o, s), (q, k, v, g, c, s0, s)
+def _impl(q, k, v, g, c, s0, chunk, grad_dtype):
+    return _impl_fwd(q, k, v, g, c, s0, chunk, grad_dtype)[0]
 
 
-def _impl_bwd(chunk, res, cts):
-    """Eqs. (3)-(6) by kernels; dg from ∂L/∂G_t = q_t·dq_t − k_t·dk_t (+ ⟨dS_T, S_T⟩ at T)."""
-    q, k, v, g, c, s0, s_t = res
+def _impl_bwd(chunk, grad_dtype, res, cts):
+    """Eqs. (3)-(6) by kernels; dg from ∂L/∂G_t = q_t·dq_t − k_t·dk_t (+ ⟨dS_T, S_T⟩ at T).
+    dq, dk come out of the kernels in ``grad_dtype`` (float32 when the decay is per token, so
+    that this difference is accurate; else the inputs' dtype)."""
+    qt, kt, vt, fac, g, s0, s_t = res
     do, ds_t = cts
-    t = q.shape[1]
-    qt, kt, vt, fac = _to_kernel(q, k, v, g, c, chunk)
-    dot = _to_kernel(q, k, do, g, c, chunk)[2]  # dO in v's kernel layout
-    dq = _run("_dq_call", kt, vt, dot, fac, s0)  # float32 (dq, dk feed dg below)
-    dk, dv, ds0 = _run("_dkv_call", qt, kt, vt, dot, fac, ds_t.astype(_F32))
-    dq, dk, dv = (_from_kernel(x, t) for x in (dq, dk, dv))  # [B, T, H, D]
-    dgc = jnp.sum(q.astype(_F32) * dq, -1) - jnp.sum(k.astype(_F32) * dk, -1)
-    dgc = dgc.at[:, -1].add(jnp.sum(ds_t * s_t, axis=(-2, -1)))  # [B, T, H] ∂L/∂G_t
+    t = g.shape[1]
+    dot = _layout(_pad(do, chunk))  # [B, H, T', V]
+    dq = _run("_dq_call", kt, vt, dot, fac, s0, dtype=grad_dtype)
+    dk, dv, ds0 = _run("_dkv_call", qt, kt, vt, dot, fac, ds_t.astype(_F32), dtype=grad_dtype)
+    dgc = (jnp.sum(qt.astype(_F32) * dq.astype(_F32), -1)
+           - jnp.sum(kt.astype(_F32) * dk.astype(_F32), -1))  # [B, H, T']
+    dgc = jnp.swapaxes(dgc, 1, 2)[:, :t]  # [B, T, H] ∂L/∂G_t
+    dgc = dgc.at[:, -1].add(jnp.sum(ds_t * s_t, axis=(-2, -1)))
     dg = jnp.cumsum(dgc[:, ::-1], axis=1)[:, ::-1]  # dg_t = Σ_{j≥t} ∂L/∂G_j
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, None, ds0
+    dq, dk, dv = (_from_kernel(x, t).astype(y.dtype) for x, y in ((dq, qt), (dk, kt), (dv, vt)))
+    return dq, dk, dv, dg, None, ds0
 
 
-_lightning = jax.custom_vjp(_impl, nondiff_argnums=(6,))
+_lightning = jax.custom_vjp(_impl, nondiff_argnums=(6, 7))
 _lightning.defvjp(_impl_fwd, _impl_bwd)
 
 
@@ -335,6 +339,8 @@ def lightning_attention(q, k, v, log_decay=None, reset=None, *, chunk_size=64,
     b, t, h, dk = q.shape
     s0 = (jnp.zeros((b, h, dk, v.shape[-1]), _F32) if initial_state is None
           else jnp.asarray(initial_state, _F32))  # [B, H, K, V]
-    fn = functools.partial(_lightning, chunk=min(chunk_size, t))
+    per_token = log_decay is not None and jnp.ndim(log_decay) == 3
+    grad_dtype = jnp.dtype(_F32 if per_token else q.dtype)
+    fn = functools.partial(_lightning, chunk=min(chunk_size, t), grad_dtype=grad_dtype)
     o, s = _sharded(fn, q, g, c, s0)(q, k, v, g, c, s0)
     return (o, s) if return_state else o
