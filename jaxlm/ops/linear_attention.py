@@ -27,7 +27,7 @@ Three forms of the same function (tests check them against each other and a floa
 
 State and all accumulations are float32; q, k, v may be bfloat16; o has v's dtype. T need not be a
 multiple of C (the tail is zero-padded: zero k, v and g = 0 leave the state unchanged).
-``impl="pallas"`` runs the chunked form as Pallas kernels instead (:mod:`jaxlm.ops.lightning_pallas`).
+``impl="pallas"`` runs the chunked form as Pallas kernels (:mod:`jaxlm.ops.lightning_pallas`).
 
 Document packing: :func:`linear_attention_reset` takes ``reset [B, T]`` (True where a new document
 starts, i.e. S_t = k_t v_tᵀ + 0·S_{t-1}). It is implemented with cumulative reset counts c_t
