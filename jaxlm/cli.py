@@ -240,6 +240,9 @@ def _prepare(argv) -> int:
     import time
 
     from jaxlm.data.prepare import prepare
+    from jaxlm.utils.files import check_local_dir
+
+    check_local_dir(a.out, "--out")  # gs://... would make a local "gs:" directory
 
     t0 = time.perf_counter()
     m = prepare(a.inputs, a.out, tokenizer=a.tokenizer, tokenizer_path=a.tokenizer_path,

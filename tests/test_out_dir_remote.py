@@ -99,3 +99,19 @@ def test_url_scheme_only_matches_urls(tmp_path):
         ["gs", "s3", "https", "", "", "", "", "", ""]
     check_local_dir(str(tmp_path / "a:b" / "c"))  # a colon in a local path is fine
     check_local_dir("relative/run")
+
+
+@pytest.mark.parametrize("main,argv", [
+    ("prepare_main", ["IN.txt", "--out", "gs://bucket/corpus"]),
+    ("sample_main", ["--ckpt", "gs://bucket/run"]),
+    ("eval_main", ["--ckpt", "gs://bucket/run"]),
+])
+def test_prepare_sample_eval_refuse_url_dirs(main, argv, tmp_path, monkeypatch, capsys):
+    import jaxlm.cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "IN.txt").write_text("one document\n\nanother\n")
+    assert getattr(jaxlm.cli, main)(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gs://bucket/" in err[0] and "gcsfuse" in err[0]
+    assert os.listdir(tmp_path) == ["IN.txt"]  # no stray gs: directory

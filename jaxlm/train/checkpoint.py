@@ -350,7 +350,9 @@ def load_trained(out_dir: str):
     from jaxlm.optim import build_optimizer
     from jaxlm.sharding import make_mesh
     from jaxlm.train.state import StateSpec
+    from jaxlm.utils.files import check_local_dir
 
+    check_local_dir(out_dir, "--ckpt")
     ckpt_dir = os.path.join(os.path.abspath(out_dir), "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise ConfigError(f"no checkpoints in {out_dir} (expected {ckpt_dir}); "
