@@ -284,6 +284,9 @@ def run(cfg: Config) -> dict:
     from jaxlm import distributed  # join a multi-process job (cfg.distributed) before any JAX op
     distributed.initialize(cfg)
     setup_logging()
+    if cfg.log.wandb and is_primary():  # a missing package fails before any data or compile
+        from jaxlm.utils.wandb_writer import require_wandb
+        require_wandb()
     data = make_data_source(cfg.data)
     cfg = resolve_vocab(cfg, data.tokenizer.vocab_size)
     mesh = make_mesh(cfg.mesh)
