@@ -124,11 +124,11 @@ def _dq_kernel(k_ref, v_ref, do_ref, f_ref, s0_ref, dq_ref, s_scr):
     def _():
         s_scr[...] = s0_ref[...]
 
-    k, v, do, fac = k_ref[...].astype(_F32), v_ref[...].astype(_F32), do_ref[...], f_ref[...]
-    do = do.astype(_F32)
+    fac = f_ref[...]
     cols = _cols(fac)
+    dp = _dot(do_ref[...], v_ref[...], _NT) * _decay(fac, cols)  # [C, C], inputs' dtype on MXU
+    k, v, do = k_ref[...].astype(_F32), v_ref[...].astype(_F32), do_ref[...].astype(_F32)
     s = s_scr[...]
-    dp = _dot(do, v, _NT) * _decay(fac, cols)  # [C, C]
     dq_ref[...] = (_dot(dp, k) + cols[2] * _dot(do, s, _NT)).astype(dq_ref.dtype)
     s_scr[...] = cols[2][-1:, :] * s + _dot((k * cols[3]).T, v)
 
@@ -141,13 +141,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, f_ref, dst_ref, dk_ref, dv_ref, ds0
     def _():
         ds_scr[...] = dst_ref[...]
 
-    q, k = q_ref[...].astype(_F32), k_ref[...].astype(_F32)
-    v, do, fac = v_ref[...].astype(_F32), do_ref[...].astype(_F32), f_ref[...]
+    fac = f_ref[...]
     cols = _cols(fac)
     d = _decay(fac, cols)
+    a_mat = _dot(q_ref[...], k_ref[...], _NT) * d  # [C, C], inputs' dtype on the MXU
+    dp = _dot(do_ref[...], v_ref[...], _NT) * d
+    q, k = q_ref[...].astype(_F32), k_ref[...].astype(_F32)
+    v, do = v_ref[...].astype(_F32), do_ref[...].astype(_F32)
     ds = ds_scr[...]  # dS_{n+1}
-    a_mat = _dot(q, k, _NT) * d  # [C, C]
-    dp = _dot(do, v, _NT) * d
     dk_ref[...] = (_dot(dp.T, q) + cols[3] * _dot(v, ds, _NT)).astype(dk_ref.dtype)
     dv_ref[...] = (_dot(a_mat.T, do) + cols[3] * _dot(k, ds)).astype(dv_ref.dtype)
     ds_scr[...] = cols[2][-1:, :] * ds + _dot((q * cols[2]).T, do)
