@@ -39,10 +39,11 @@ data/fsdp, heads over tensor): XLA does not partition a Mosaic custom call.
 Why/when: the pure-JAX chunked form writes the [B, N, C, C, H] intra scores and decays and every
 chunk's state to HBM; the kernels keep them in VMEM, so HBM traffic is q, k, v, o, their
 gradients and a transpose of each. The TPU compiler's own analysis (v5e, B=1, H=32, K=V=128,
-bf16, C=128; compile only, no chip) for forward+backward: temp 192 vs 324 MiB and bytes accessed
-1.8 vs 3.7 GiB at 8k tokens; 1.04 vs 1.29 GiB temp and 7.4 vs 13.6 GiB accessed at 32k (XLA counts
-a kernel by its cost estimate: each input and output once). Use it for long sequences on TPU; on
-CPU it is an interpreter (tests only); time on a chip has not been measured.
+bf16; compile only, no chip), forward+backward, kernel vs pure JAX: C=128: temp 192 vs 324 MiB,
+bytes accessed 1.8 vs 3.7 GiB at 8k tokens; 1.04 vs 1.29 GiB temp, 7.4 vs 13.6 GiB at 32k. C=64:
+192 vs 643 MiB, 1.8 vs 4.3 GiB at 8k; 1.06 vs 2.59 GiB, 7.6 vs 16.3 GiB at 32k (XLA counts a kernel
+by its cost estimate: each input and output once). Use it for long sequences on TPU; on CPU it is
+an interpreter (tests only); its time on a chip has not been measured.
 
 Example::
 
