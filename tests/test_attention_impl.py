@@ -197,17 +197,18 @@ def test_cudnn_on_this_cpu_is_a_one_line_error():
 
 # ----------------------------------------------------------------------------- the layer
 
-def test_softmax_layer_auto_equals_reference():
+def test_softmax_layer_auto_and_xla_equal_reference():
     from flax import nnx
 
     from jaxlm.config import load_config
     from jaxlm.model.layers import SoftmaxAttention
 
     out = {}
-    for impl in ("auto", "reference"):
+    for impl in ("auto", "xla", "reference"):
         cfg = load_config("tiny", [f"model.attn_impl={impl}"]).model
         layer = SoftmaxAttention(cfg, rngs=nnx.Rngs(0))
         x = jax.random.normal(jax.random.key(1), (2, 16, cfg.d_model))
         pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
         out[impl] = np.asarray(layer(x, pos, segments(2, 16))[0])
     np.testing.assert_allclose(out["auto"], out["reference"], atol=1e-5)
+    np.testing.assert_allclose(out["xla"], out["reference"], atol=1e-5)

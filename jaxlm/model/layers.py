@@ -77,7 +77,12 @@ class SoftmaxAttention(nnx.Module):
     plain one): ``model.attn_bias`` adds biases b_q [H, K], b_k, b_v [KV, K] to the projections
     (Qwen2); ``model.qk_norm`` applies RMSNorm over K (gain [K], eps ``model.norm_eps``) to every
     q and k head before RoPE (Qwen3); ``model.rope_scaling=llama3`` remaps RoPE frequencies
-    (Llama 3.1, :func:`jaxlm.ops.rope.llama3_inv_freq`)."""
+    (Llama 3.1, :func:`jaxlm.ops.rope.llama3_inv_freq`).
+
+    ``model.attn_impl`` picks the training/prefill kernel (auto | reference | xla | cudnn |
+    splash), resolved when the step is traced for its devices
+    (:func:`jaxlm.ops.attention_kernels.resolve_attn_impl`); KV-cached decoding always uses the
+    reference einsum."""
 
     def __init__(self, cfg: ModelConfig, *, rngs, layer: int = 0):
         d, h, kv, std = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.init_std
