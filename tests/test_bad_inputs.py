@@ -284,6 +284,17 @@ CASES = [
          "data.path: gs://bucket/c4 is a remote URL, which jaxlm does not read directly; mount "
          "the bucket with gcsfuse (or copy it locally with gcloud storage cp) and pass the local "
          "path (a text file or a jaxlm-prepare directory)", "mount the bucket with gcsfuse"),
+    Case("out_dir on a bucket", "train", [T, "out_dir=gs://bucket/run"],
+         "out_dir=gs://bucket/run is a URL; jaxlm writes to local or mounted directories only, "
+         "not to gs:// directly: mount the bucket with gcsfuse (gcsfuse BUCKET /mnt/BUCKET) and "
+         "pass out_dir=/mnt/BUCKET/PATH", "mount the bucket with gcsfuse"),
+    Case("attention kernel the platform cannot run", "train", [T, "model.attn_impl=cudnn"],
+         "model.attn_impl=cudnn needs an NVIDIA GPU but the program is compiled for cpu; use "
+         "model.attn_impl=auto", "use model.attn_impl=auto"),
+    Case("splash attention at a length it cannot tile", "train", [T, "model.attn_impl=splash"],
+         "model.attn_impl=splash needs a sequence length that is a multiple of 128 (got 64); set "
+         "data.seq_len (and data.min_bucket) to a multiple of 128 or use model.attn_impl=auto",
+         "multiple of 128"),
     Case("mixture source names repeat", "train", [
         "{tiny}", "data.sources=[{name: web, path: shakespeare, weight: 1}, "
         "{name: web, path: wikitext2, weight: 1}]"],

@@ -160,6 +160,21 @@ def resolve_attn_impl(impl: str, platform: str, *, dtype=jnp.float32, dropout: b
     return impl, f"model.attn_impl={impl}"
 
 
+def check_model(m, devices, seq_lens) -> None:
+    """Before anything is built: ConfigError if ``m.attn_impl`` (a ModelConfig's) cannot run on
+    ``devices`` (the mesh's) at any of the run's sequence lengths ``seq_lens``; a model without
+    softmax layers passes. The same rule as at trace time, one line instead of a compile error."""
+    from jaxlm.config_checks import layer_pattern
+
+    if "S" not in layer_pattern(m):
+        return
+    dev = devices[0]
+    platform = normalize_platform(dev.platform, getattr(dev, "device_kind", "") or "")
+    for t in sorted(set(seq_lens)):
+        resolve_attn_impl(m.attn_impl, platform, dtype=jnp.dtype(m.dtype), dropout=m.dropout > 0,
+                          head_dim=m.attn_head_dim, seq_len=t, device_kind=dev.device_kind)
+
+
 def check_splash_len(seq_len: int) -> int:
     block = splash_block(seq_len)
     if block is None:

@@ -52,6 +52,7 @@ from jaxlm.data import make_data_source
 from jaxlm.optim import build_optimizer
 from jaxlm.sharding import host_to_global, make_mesh
 from jaxlm.distributed import is_primary
+from jaxlm.ops import attention_kernels
 from jaxlm.train.checkpoint import Checkpointer, reason
 from jaxlm.train.compat import check_compatible, describe_changes
 from jaxlm.train.compiled import CompiledSteps
@@ -292,6 +293,8 @@ def run(cfg: Config) -> dict:
     mesh = make_mesh(cfg.mesh)
     shapes = data.batch_shapes(cfg.train.batch_size) if hasattr(data, "batch_shapes") else None
     check_batch(cfg, mesh, shapes)
+    attention_kernels.check_model(cfg.model, mesh.devices.flat,
+                                  [length for _, length in shapes or [(0, cfg.data.seq_len)]])
     if shapes:
         log.info("variable sequence length: %d batch shapes %s (same tokens per step); the train "
                  "step compiles once per shape", len(shapes), shapes)
