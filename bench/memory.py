@@ -82,16 +82,27 @@ def maxtext_command(steps: int) -> tuple[str, list]:
     return argv[0], argv
 
 
+# Runs argv[2:] and writes its peak RSS (KiB) to argv[1]. Why a wrapper: Linux carries the
+# forking process's high-water RSS into the child's ru_maxrss across exec (even for vfork /
+# posix_spawn, which share the parent's memory until exec), so a child of a large process (pytest,
+# or this script after compiling) would report at least its parent's size. The wrapper is a fresh,
+# small interpreter; its own child's ru_maxrss is the command's alone.
+_WRAP = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
+         "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+         "sys.exit(rc)")
+
+
 def child_peak_rss(argv: list, env: dict, log: str) -> int:
-    """Run ``argv`` (output to ``log``); its peak RSS in bytes from os.wait4's rusage."""
+    """Run ``argv`` (output to ``log``); its peak RSS in bytes (rusage, through :data:`_WRAP`)."""
+    out = log + ".maxrss"
     with open(log, "w") as f:
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait
-    if proc.returncode:
+        rc = subprocess.call([sys.executable, "-c", _WRAP, out, *argv], stdout=f,
+                             stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if rc:
         raise RuntimeError(f"{os.path.basename(argv[1 if argv[1] != '-m' else 2])} exited "
-                           f"{proc.returncode} (log: {log})")
-    return usage.ru_maxrss * 1024  # Linux reports KiB
+                           f"{rc} (log: {log})")
+    with open(out) as f:
+        return int(f.read()) * 1024  # Linux reports KiB
 
 
 def rss_vs_maxtext(steps: int, overrides=()) -> dict:
