@@ -20,12 +20,15 @@ equal :func:`jaxlm.ops.losses.token_nll` of the full logits (the same rows, the 
 summed chunk by chunk instead of in one matmul, so it agrees to float32 rounding (~1e-6).
 
 Chunk choice (:func:`auto_chunk`): ``model.head_chunk=-1`` (default) chunks only when the
-micro-batch's float32 logits would exceed 64 MiB, with chunks of at most 32 MiB of logits; ``0``
+micro-batch's float32 logits would exceed 256 MiB, with chunks of at most 64 MiB of logits; ``0``
 never chunks; ``N`` uses N positions (rounded down to a divisor of T).
-Why so low a threshold: on the MaxText-comparison config (8 x 256 tokens, vocab 32000: 250 MiB
-of logits) chunking cut jaxlm's peak RSS from 1.5 GiB to 1.1 GiB and was not slower on CPU
-(bench/RESULTS.md, "Memory at large vocabularies"); the price is one extra [B, C, D] x [D, V]
-matmul per chunk in the backward pass (~2% more FLOPs for a 1B model at 32k vocabulary).
+Why not lower: chunking recomputes the head matmul in the backward pass. On the MaxText-comparison
+config (8 x 256 tokens, vocab 32000: 250 MiB of logits, not chunked by default) chunks of 32
+positions cut jaxlm's peak RSS from 1.5 to 1.1 GiB (rss_vs_maxtext 0.77 -> 0.57) but the step was
+~5-15% slower on a quiet CPU (bench/RESULTS.md, "Memory at large vocabularies"); pass
+``model.head_chunk=32`` to trade that speed for memory. Computing the head's gradients in the
+forward pass (no recomputation, as Liger-Kernel's fused linear cross-entropy does) would remove
+the trade-off; not done yet.
 
 Example::
 
@@ -43,8 +46,8 @@ import jax.numpy as jnp
 
 from jaxlm.ops.losses import token_nll
 
-AUTO_LIMIT = 64 << 20  # chunk when the whole micro-batch's float32 logits exceed this
-AUTO_CHUNK_BYTES = 32 << 20  # ... into chunks of logits up to this size
+AUTO_LIMIT = 256 << 20  # chunk when the whole micro-batch's float32 logits exceed this
+AUTO_CHUNK_BYTES = 64 << 20  # ... into chunks of logits up to this size
 
 
 def largest_divisor_at_most(n: int, k: int) -> int:
