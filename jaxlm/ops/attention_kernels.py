@@ -122,7 +122,7 @@ def _auto(platform, dtype, head_dim, seq_len, device_kind):
             return "xla", f"TPU: sequence {seq_len} is not a multiple of 128 (splash), so XLA"
         return "splash", "TPU: splash attention (Pallas)"
     if platform == "cpu":
-        return CPU_AUTO, f"CPU: {CPU_AUTO} (measured the faster on CPU)"
+        return CPU_AUTO, f"CPU: {CPU_AUTO} (no faster kernel measured on CPU; see CPU_AUTO)"
     return "xla", f"{platform}: XLA"
 
 
