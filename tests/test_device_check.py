@@ -56,7 +56,8 @@ def test_ratio_needs_both_sides():
 
 @pytest.mark.slow  # 2-4 minutes on 2 loaded cores: a few dozen tiny compiles
 def test_dry_run_prints_every_line_with_a_number():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # the interpreter running the tests (CI's fresh venv), not the checkout's .venv, if any
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
     # one CPU device (tests/conftest.py sets 8 fake ones): the check sizes batches per device
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                               env.get("XLA_FLAGS", ""))
