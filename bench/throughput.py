@@ -144,6 +144,17 @@ def run(cfg, steps: int = 20, warmup: int = 3) -> dict:
     }
 
 
+def hugepages_status() -> str:
+    """Whether this process runs with glibc's huge-pages tunable (jaxlm/utils/hugepages.py)."""
+    import os
+
+    if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
+    from jaxlm.utils.hugepages import wanted
+
+    return f"4 KiB pages ({wanted() or 'not re-executed: run as a script to get huge pages'})"
+
+
 def report(r: dict) -> str:
     """The human-readable report; its last two lines are ``tokens_per_s=`` and ``mfu=``."""
     lines = [
@@ -163,6 +174,7 @@ def report(r: dict) -> str:
         f" measured {r['measured_peak_flops'] / 1e9:.1f})",
         f"achieved         {r['flops_per_token'] * r['tokens_per_s'] / 1e9:.1f} GFLOP/s (model)",
         f"loss             {r['loss']:.4f} (sanity only: one random batch, repeated, is memorised)",
+        f"host memory      {hugepages_status()}",
     ]
     if r["n_devices"] > 1 and r["devices"].endswith("(cpu)"):
         lines.append(f"host utilisation {r['mfu'] * r['n_devices']:.4f} (fake CPU devices share "
@@ -198,4 +210,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxlm.utils.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages()  # as jaxlm-train does: huge pages for XLA:CPU's step memory
     sys.exit(main())

@@ -1,42 +1,45 @@
 """The output head and the cross-entropy fused over sequence chunks: the [tokens, vocab] logits
-(and their gradient) are never held at once.
+(and their gradient) are never held at once, and the head's gradients are formed in the forward
+pass.
 
 For the final hidden states x [B, T, D], the head W [D, V] and targets y [B, T], the loss needs
 only two numbers per token (:mod:`jaxlm.ops.losses`)::
 
     z_t = x_t W,   lse_t = logsumexp(z_t),   nll_t = lse_t − z_t[y_t]
 
-and its gradient is, per token, ∂z_t = p_t (ḡ_t + ℓ̄_t) − ḡ_t onehot(y_t) with p_t = softmax(z_t),
-so ∂x_t = ∂z_t Wᵀ and ∂W = Σ_t x_tᵀ ∂z_t. Every term is a sum over tokens, so the tokens can be
-taken C sequence positions at a time: :func:`head_nll` scans over T/C chunks of [B, C] tokens,
-and each chunk's logits [B, C, V] live only inside the chunk — in the forward pass (the chunk
-function is ``jax.checkpoint``-ed, so only x and y are kept) and in the backward pass (the logits
-are recomputed, ∂z is formed, turned into ∂x_chunk and added into ∂W, then dropped). Peak
-memory for the head falls from O(B·T·V) to O(B·C·V), for one extra [B, T, D] × [D, V] matmul
-(the recomputation) — the trade every large-vocabulary trainer makes (e.g. Liger-Kernel's fused
-linear cross-entropy; Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language
-Models", which also avoids the per-chunk logits with a custom kernel). The per-token values
-equal :func:`jaxlm.ops.losses.token_nll` of the full logits (the same rows, the same math); ∂W is
-summed chunk by chunk instead of in one matmul, so it agrees to float32 rounding (~1e-6).
+The train step's loss is a weighted sum of them, L = Σ_t a_t·nll_t + b_t·lse_t² with
+a_t = m_t / Σm (the loss mask over the batch's target count) and b_t = α·a_t (PaLM's z-loss), so
 
-Chunk choice (:func:`auto_chunk`): ``model.head_chunk=-1`` (default) chunks only when the
-micro-batch's float32 logits would exceed 256 MiB, with chunks of at most 64 MiB of logits; ``0``
-never chunks; ``N`` uses N positions (rounded down to a divisor of T).
-Why not lower: chunking recomputes the head matmul in the backward pass. On the MaxText-comparison
-config (8 x 256 tokens, vocab 32000: 250 MiB of logits, not chunked by default) chunks of 32
-positions cut jaxlm's peak RSS from 1.5 to 1.1 GiB (rss_vs_maxtext 0.77 -> 0.57) but the step was
-~5-15% slower on a quiet CPU (bench/RESULTS.md, "Memory at large vocabularies"); pass
-``model.head_chunk=32`` to trade that speed for memory. Computing the head's gradients in the
-forward pass (no recomputation, as Liger-Kernel's fused linear cross-entropy does) would remove
-the trade-off; not done yet.
+    ∂L/∂z_t = (a_t + 2 b_t lse_t)·p_t − a_t·onehot(y_t),   p_t = softmax(z_t)
+    ∂L/∂x_t = ∂z_t Wᵀ,   ∂L/∂W = Σ_t x_tᵀ ∂z_t
+
+Every term is a sum over tokens, so the tokens can be taken C sequence positions at a time.
+:func:`head_loss` (the train step's path) scans over T/C chunks of [B, C] tokens and, because a
+and b are known before the backward pass, forms each chunk's ∂z right after its logits, turns it
+into ∂x_chunk and adds it into ∂W, then drops the chunk's [B, C, V] arrays; its backward pass only
+scales the stored ∂x [B, T, D] and ∂W [D, V] by the loss's cotangent. That is the order of
+Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024); Wijmans et al. 2024, "Cut Your Losses
+in Large-Vocabulary Language Models", goes further and never writes even a chunk's logits, with a
+custom kernel. Peak memory for the head falls from O(B·T·V) to O(B·C·V) with the three matmuls of
+the unfused head — no recomputation. :func:`head_nll` is the forward-only form (eval), over the
+same chunks. The values equal :func:`jaxlm.ops.losses.token_nll` of the full logits (the same
+rows, the same math); ∂W is summed chunk by chunk instead of in one matmul, so it agrees to
+float32 rounding (~1e-6).
+
+Chunk choice (:func:`auto_chunk`): ``model.head_chunk=-1`` (default) takes the largest divisor
+of T whose chunk holds at most 64 MiB of float32 logits per device (the whole sequence when that
+fits); ``N`` uses N positions (rounded down to a divisor of T); ``0`` is the reading form, not
+fused: the whole [B, T, V] logits, and autodiff through :func:`jaxlm.ops.losses.token_nll`.
 
 Example::
 
     import jax, jax.numpy as jnp
-    from jaxlm.ops.head_loss import head_nll
+    from jaxlm.ops.head_loss import head_loss, head_nll
     x = jax.random.normal(jax.random.key(0), (2, 64, 16)); w = jnp.ones((16, 1000)) * 0.01
     y = jnp.zeros((2, 64), jnp.int32)
     nll, lse = head_nll(x, w, y, chunk=16)    # [2, 64] each, via 4 chunks of [2, 16, 1000]
+    a = jnp.full((2, 64), 1 / 128); b = jnp.zeros((2, 64))   # mean nll, no z-loss
+    grads = jax.grad(lambda x, w: head_loss(x, w, y, a, b, chunk=16)[0], argnums=(0, 1))(x, w)
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.ops.losses import token_nll
+from jaxlm.sharding import shard
 
-AUTO_LIMIT = 256 << 20  # chunk when the whole micro-batch's float32 logits exceed this
-AUTO_CHUNK_BYTES = 64 << 20  # ... into chunks of logits up to this size
+AUTO_CHUNK_BYTES = 64 << 20  # model.head_chunk=-1: chunks of at most this much float32 logits
 
 
 def largest_divisor_at_most(n: int, k: int) -> int:
@@ -57,16 +60,13 @@ def largest_divisor_at_most(n: int, k: int) -> int:
 
 
 def auto_chunk(setting: int, b: int, t: int, v: int) -> int:
-    """Sequence positions per chunk for ``model.head_chunk=setting`` (0 = no chunking)."""
+    """Sequence positions per head chunk for ``model.head_chunk=setting`` on [b, t] tokens per
+    device and vocabulary v: 0 = not fused (whole logits); else a divisor of t (t = one chunk)."""
     if setting == 0:
         return 0
     if setting > 0:
-        c = largest_divisor_at_most(t, setting)
-    elif b * t * v * 4 <= AUTO_LIMIT:
-        return 0
-    else:
-        c = largest_divisor_at_most(t, max(1, AUTO_CHUNK_BYTES // (b * v * 4)))
-    return 0 if c >= t else c
+        return largest_divisor_at_most(t, setting)
+    return largest_divisor_at_most(t, max(1, AUTO_CHUNK_BYTES // (b * v * 4)))
 
 
 def head_logits(x, w):
@@ -96,3 +96,75 @@ def head_nll(x, w, targets, chunk: int = 0):
     nll, lse = jax.lax.map(one, (xs, ys))  # [N, B, C] each
     back = lambda a: jnp.swapaxes(a, 0, 1).reshape(b, t)  # noqa: E731  [N, B, C] -> [B, T]
     return back(nll), back(lse)
+
+
+def head_loss(x, w, targets, a, b, chunk: int = 0):
+    """The training loss of the head, its gradient formed in the forward pass.
+
+    x [B, T, D], w [D, V], targets [B, T], per-token weights a, b [B, T] float32 ->
+    (loss, nll): ``loss = Σ_t a_t·nll_t + b_t·lse_t²`` (a scalar) and the per-token nll [B, T].
+    With a = mask/denominator and b = z_loss·mask/denominator this is the train step's loss.
+
+    Because the weights are known before the backward pass, ∂loss/∂z_t = (a_t + 2 b_t lse_t)·p_t −
+    a_t·onehot(y_t) is formed right after the chunk's logits (module docstring), turned into
+    ∂x_chunk = ∂z Wᵀ and added into ∂W = Σ xᵀ∂z; the logits die with the chunk. The backward pass
+    only scales the stored ∂x [B, T, D] and ∂W [D, V] by the loss's cotangent: no logits are
+    recomputed (the Liger-Kernel "fused linear cross-entropy" order), so chunking costs no extra
+    matmul. ``nll`` is a metric: its gradient is taken as zero (as if ``stop_gradient``-ed).
+    """
+    return _head_loss(x, w, targets, a, b, chunk)
+
+
+def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
+    """Chunk by chunk over the sequence: loss, nll [B, T] and, if ``grads``, (∂x, ∂W)."""
+    bsz, t, d = x.shape
+    chunk = chunk if chunk and chunk < t else t
+    if t % chunk:
+        raise ValueError(f"head chunk {chunk} does not divide the sequence length {t}")
+    n = t // chunk
+
+    def one(dw, xs):  # one chunk: x_c [B, C, D], y_c, a_c, b_c [B, C]
+        x_c, y_c, a_c, b_c = xs
+        z = shard(head_logits(x_c, w), ("batch", "seq", "vocab"))  # [B, C, V] float32
+        m = jnp.max(z, axis=-1, keepdims=True)  # [B, C, 1]
+        e = jnp.exp(z - m)  # [B, C, V]
+        s = jnp.sum(e, axis=-1, keepdims=True)  # [B, C, 1]
+        lse = (m + jnp.log(s))[..., 0]  # [B, C]
+        nll = lse - jnp.take_along_axis(z, y_c[..., None], axis=-1)[..., 0]  # [B, C]
+        loss = jnp.sum(a_c * nll + b_c * jnp.square(lse))
+        if not grads:
+            return dw, (loss, nll, None)
+        is_target = y_c[..., None] == jnp.arange(z.shape[-1])  # [B, C, V] one-hot (iota)
+        dz = (e * ((a_c + 2.0 * b_c * lse)[..., None] / s)
+              - jnp.where(is_target, a_c[..., None], 0.0)).astype(x.dtype)  # [B, C, V]
+        dz2 = dz.reshape(bsz * chunk, -1)  # [B·C, V]
+        dx = jnp.matmul(dz2, w.T, preferred_element_type=jnp.float32)  # [B·C, D]
+        dw = dw + jnp.matmul(x_c.reshape(bsz * chunk, d).T, dz2,
+                             preferred_element_type=jnp.float32)  # [D, V]
+        return dw, (loss, nll, dx.astype(x.dtype).reshape(bsz, chunk, d))
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if grads else None
+    if n == 1:
+        dw, (loss, nll, dx) = one(dw0, (x, targets, a, b))
+        return loss, nll, (dx, dw.astype(w.dtype)) if grads else None
+    split = lambda v: jnp.swapaxes(v.reshape((bsz, n, chunk) + v.shape[2:]), 0, 1)  # noqa: E731
+    # [B, T, ...] -> [N, B, C, ...] chunks, scanned; outputs [N, B, C, ...] -> [B, T, ...]
+    dw, (loss, nll, dx) = jax.lax.scan(one, dw0, tuple(map(split, (x, targets, a, b))))
+    back = lambda v: jnp.swapaxes(v, 0, 1).reshape((bsz, t) + v.shape[3:])  # noqa: E731
+    return loss.sum(), back(nll), (back(dx), dw.astype(w.dtype)) if grads else None
+
+
+def _head_loss_fwd(x, w, targets, a, b, chunk):
+    loss, nll, res = _sweep(x, w, targets, a, b, chunk, grads=True)
+    return (loss, nll), res
+
+
+def _head_loss_bwd(chunk, res, cotangents):
+    dx, dw = res
+    g = cotangents[0]  # the loss's cotangent (a scalar); nll's is ignored (a metric)
+    return (g * dx).astype(dx.dtype), (g * dw).astype(dw.dtype), None, None, None
+
+
+_head_loss = jax.custom_vjp(lambda x, w, targets, a, b, chunk: _sweep(
+    x, w, targets, a, b, chunk, grads=False)[:2], nondiff_argnums=(5,))
+_head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)

@@ -48,23 +48,37 @@ def loss_fn(spec: StateSpec, params, batch, denom, z_loss: float = 0.0, dropout_
     model = spec.model(params)
     x, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                         dropout_key=dropout_key)
-    nll, lse = head_nll(spec, model, x, batch["targets"])  # [B, T] each, float32
     mask = batch["loss_mask"].astype(jnp.float32)
+    xn, w = model.head_inputs(x)  # [B, T, D], [D, V]
+    chunk = _chunk(spec, xn, w)
+    if chunk:  # the head + loss with per-token weights a = m/denom, b = α·m/denom: gradients
+        # formed chunk by chunk in the forward pass, the logits never held whole (ops/head_loss.py)
+        loss, nll = ops.head_loss(xn, w, batch["targets"], mask / denom,
+                                  (z_loss / denom) * mask, chunk)
+        return loss, (nll * mask).sum()
+    # model.head_chunk=0: the reading form -- whole [B, T, V] logits, autodiff through the loss
+    nll, lse = ops.token_nll(shard(head_logits(xn, w), ("batch", "seq", "vocab")),
+                             batch["targets"])  # [B, T] each, float32
     nll_sum = (nll * mask).sum()
     total = nll_sum + (z_loss * (jnp.square(lse) * mask).sum() if z_loss else 0.0)
     return total / denom, nll_sum
 
 
 def head_nll(spec: StateSpec, model, x, targets):
-    """x_L [B, T, D] -> (nll, lse) [B, T]: the head and the loss, fused over sequence chunks
-    when the logits would be large (``model.head_chunk``; jaxlm/ops/head_loss.py)."""
+    """x_L [B, T, D] -> (nll, lse) [B, T] without gradients (eval): over the same sequence chunks
+    as training (``model.head_chunk``; jaxlm/ops/head_loss.py)."""
     xn, w = model.head_inputs(x)  # [B, T, D], [D, V]
-    b, t, _ = xn.shape
-    per_device = b // (spec.mesh.shape["data"] * spec.mesh.shape["fsdp"])  # rows per batch shard
-    chunk = auto_chunk(spec.cfg.model.head_chunk, max(per_device, 1), t, w.shape[-1])
-    if not chunk:
+    chunk = _chunk(spec, xn, w)
+    if not chunk or chunk >= xn.shape[1]:
         return ops.token_nll(shard(head_logits(xn, w), ("batch", "seq", "vocab")), targets)
     return ops.head_nll(xn, w, targets, chunk)
+
+
+def _chunk(spec: StateSpec, xn, w) -> int:
+    """Sequence positions per head chunk (``model.head_chunk``; 0 = no fusion: whole logits)."""
+    b, t, _ = xn.shape
+    per_device = b // (spec.mesh.shape["data"] * spec.mesh.shape["fsdp"])  # rows per batch shard
+    return auto_chunk(spec.cfg.model.head_chunk, max(per_device, 1), t, w.shape[-1])
 
 
 def _microbatches(batch, accum: int):
