@@ -7,7 +7,7 @@ For each vocabulary size the train step of ``configs/bench_tiny_llama.yaml`` (d_
 layers, 8 × 256 tokens, remat full, one device) is compiled twice — ``model.head_chunk=0`` (the
 [tokens, vocab] logits and their gradient materialised, as before issue #18) and the default
 ``model.head_chunk=-1`` (jaxlm/ops/head_loss.py: the head's gradients formed in the forward pass,
-over chunks of at most 64 MiB of logits) — and
+over chunks of at most 32 MiB of logits) — and
 XLA's memory analysis of two compiled programs gives their temporary bytes: the loss gradient
 (forward + backward, where the head and the loss live) and the whole train step (that plus the
 optimizer update; parameters and optimizer state are arguments, not temporaries). Nothing is

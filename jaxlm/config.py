@@ -68,7 +68,7 @@ class ModelConfig:
     # residual + attention-probability dropout, training only (0 = off, bit-identical to none)
     dropout: float = 0.0
     # head + loss fused over sequence chunks, gradients in the forward pass (jaxlm/ops/head_loss.py):
-    # -1 = auto (chunks of <= 64 MiB of logits), N = N positions per chunk, 0 = not fused
+    # -1 = auto (chunks of <= 32 MiB of logits), N = N positions per chunk, 0 = not fused
     head_chunk: int = -1
     weights: str = "dense"  # how a matmul weight is parameterised (low-rank/sparse plug in here)
     # -- linear attention family (jaxlm/model/linear.py) --

@@ -69,8 +69,8 @@ def test_auto_chunk_rule():
     assert auto_chunk(0, 8, 2048, 256_000) == 0  # not fused: the whole logits
     assert auto_chunk(-1, 8, 256, 257) == 256  # small logits: one chunk, the whole sequence
     c = auto_chunk(-1, 8, 2048, 128_000)  # 8 GiB of logits per device: chunked
-    assert 0 < c < 2048 and 2048 % c == 0 and 8 * c * 128_000 * 4 <= 64 << 20
-    assert auto_chunk(-1, 64, 2048, 1 << 20) == 1  # even one position exceeds 64 MiB: 1
+    assert 0 < c < 2048 and 2048 % c == 0 and 8 * c * 128_000 * 4 <= 32 << 20
+    assert auto_chunk(-1, 64, 2048, 1 << 20) == 1  # even one position exceeds 32 MiB: 1
     assert auto_chunk(100, 8, 256, 10) == 64  # rounded down to a divisor of T
     assert auto_chunk(512, 8, 256, 10) == 256  # a chunk >= T is the whole sequence
 
