@@ -147,7 +147,7 @@ plt.title("Grow-P2 curriculum: every cycle goes short -> long"); plt.show()
 # `data.mode=concat` (fixed windows of CTX bytes) and `data.mode=dd`. With `train.log_every=1` every line of
 # `metrics.jsonl` carries that step's `seq_len` and `step_time_s` (steps that compile a
 # new shape are left out, time 0). The per-step cost is ∝ b·(c_mlp + 2^i·c_attn): it falls
-# with shorter buckets, a lot at long contexts (see `bench/RESULTS.md`: 2.3–5× the
+# with shorter buckets, a lot at long contexts (see `bench/RESULTS.md`: 1.8–4.8× the
 # tokens/s of concat at 8192 context), a little at this toy size where the MLP and output
 # layer dominate (and on a shared CPU, expect ±30% noise between runs). Both models are then scored on the *same* held-out documents
 # (`jaxlm.train.loop.evaluate` on DD's validation batches).
