@@ -25,9 +25,11 @@
 #
 # The last line is `jaxlm_vs_maxtext=<jaxlm tokens/s / MaxText tokens/s>` on one device. The machine
 # is shared and noisy: REPEATS=N runs each program N times and keeps each one's best (fastest) run.
-# THP=1 runs both programs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for
-# malloc'd memory): XLA:CPU allocates its step temporaries afresh each step, and page-faulting them
-# in 4 KiB pages costs both programs a large share of a step on this kind of machine.
+# Huge pages: XLA:CPU allocates its step temporaries afresh each step, and page-faulting them in
+# 4 KiB pages costs a large share of a step on this kind of machine. jaxlm's commands (jaxlm-train,
+# bench/throughput.py) re-execute themselves with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 by default
+# (jaxlm/utils/hugepages.py), MaxText's trainer does not: that is how each ships. THP=1 gives
+# MaxText the same tunable (both programs with huge pages); JAXLM_HUGEPAGES=0 takes it from jaxlm.
 #
 #   bash bench/vs_maxtext.sh                    # from the repository root
 #   REPEATS=2 STEPS=30 bash bench/vs_maxtext.sh
