@@ -13,7 +13,8 @@ compute dtype, per layer and token:
     full      : s·D                                          (the layer input only)
 
     activations = b·T·(L · per_layer(remat) + per_layer(none))    (+ one layer recomputed)
-                + 8·b·T·V/t                                  (float32 logits and their gradient)
+                + 12·b·C·V/t       (float32 logits, softmax, ∂logits of one head chunk of C
+                                    positions, ops/head_loss.py; model.head_chunk=0: 8·b·T·V/t)
     gradients   = trainable parameter bytes per chip (float32, sharded like the parameters)
 
 (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", §4
@@ -62,6 +63,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.head_loss import auto_chunk
 from jaxlm.train.state import split_buffers
 
 
@@ -101,7 +103,8 @@ def activation_bytes(cfg, mesh_shape: dict) -> int:
     }
     layers = tokens * (m.n_layers * per_layer[m.remat]
                        + (per_layer["none"] if m.remat != "none" else 0))
-    logits = 8 * tokens * m.vocab_size / t
+    chunk = auto_chunk(m.head_chunk, b, cfg.data.seq_len, m.vocab_size)
+    logits = (12 * b * chunk if chunk else 8 * tokens) * m.vocab_size / t
     return int(layers + logits)
 
 
