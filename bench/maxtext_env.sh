@@ -81,7 +81,7 @@ maxtext_args() {  # maxtext_args N_DEVICES STEPS -> sets the array MAXTEXT_ARGS
     model_name=default decoder_block=llama2 base_num_decoder_layers=4 base_emb_dim=256
     base_num_query_heads=4 base_num_kv_heads=4 head_dim=64 base_mlp_dim=1024 vocab_size=32000
     max_target_length=256 per_device_batch_size=8 dtype=float32 weight_dtype=float32
-    attention=dot_product remat_policy=full scan_layers=true opt_type=adamw
+    attention=dot_product remat_policy="${MAXTEXT_REMAT:-full}" scan_layers=true opt_type=adamw
     dataset_type=synthetic steps="$2" ici_fsdp_parallelism="$1")
 }
 

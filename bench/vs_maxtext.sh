@@ -34,6 +34,8 @@
 #   bash bench/vs_maxtext.sh                    # from the repository root
 #   REPEATS=2 STEPS=30 bash bench/vs_maxtext.sh
 #   ONLY_1DEV=1 bash bench/vs_maxtext.sh        # skip the 2-device runs
+#   MAXTEXT_REMAT=minimal JAXLM_REMAT=save_dots bash bench/vs_maxtext.sh   # both keep the matmul
+#       outputs (MaxText's `minimal` saves the named projections) instead of remat full
 #
 # Figures and what they were measured on: bench/RESULTS.md, "Issue 6: speed vs MaxText".
 set -euo pipefail
@@ -91,11 +93,11 @@ ratio() { "$PY" -c "print(f'{$1 / $2:.3f}')"; }
 run_set() {  # run_set N_DEVICES
   local ndev="$1" mt jl jlf
   mt="$(best maxtext_tps "$ndev" "$WORK/maxtext_${ndev}dev.log")"
-  jl="$(best jaxlm_tps "$ndev" "$WORK/jaxlm_${ndev}dev.log")"
+  jl="$(best jaxlm_tps "$ndev" "$WORK/jaxlm_${ndev}dev.log" model.remat="${JAXLM_REMAT:-full}")"
   jlf="$(best jaxlm_tps "$ndev" "$WORK/jaxlm_${ndev}dev_remat_none.log" model.remat=none)"
-  printf '%s device(s): MaxText %.1f tok/s | jaxlm %.1f tok/s (bench config, remat full) | jaxlm remat=none %.1f tok/s\n' \
-    "$ndev" "$mt" "$jl" "$jlf"
-  echo "  ratio jaxlm/MaxText: $(ratio "$jl" "$mt") (remat full), $(ratio "$jlf" "$mt") (remat none)"
+  printf '%s device(s): MaxText %.1f tok/s (remat %s) | jaxlm %.1f tok/s (remat %s) | jaxlm remat=none %.1f tok/s\n' \
+    "$ndev" "$mt" "${MAXTEXT_REMAT:-full}" "$jl" "${JAXLM_REMAT:-full}" "$jlf"
+  echo "  ratio jaxlm/MaxText: $(ratio "$jl" "$mt") (remat ${JAXLM_REMAT:-full}), $(ratio "$jlf" "$mt") (jaxlm remat none)"
   LAST_RATIO="$(ratio "$jl" "$mt")"
 }
 
