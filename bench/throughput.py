@@ -148,10 +148,10 @@ def hugepages_status() -> str:
     """Whether this process runs with glibc's huge-pages tunable (jaxlm/utils/hugepages.py)."""
     import os
 
-    if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
-        return "transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
-    from jaxlm.utils.hugepages import wanted
+    from jaxlm.utils.hugepages import TUNABLE, wanted
 
+    if TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+        return f"transparent huge pages (GLIBC_TUNABLES={TUNABLE})"
     return f"4 KiB pages ({wanted() or 'not re-executed: run as a script to get huge pages'})"
 
 

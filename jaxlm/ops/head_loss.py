@@ -80,13 +80,18 @@ def head_logits(x, w):
                       preferred_element_type=jnp.float32).reshape(b, t, -1)  # [B, T, V]
 
 
+def _sharded_logits(x, w):
+    """head_logits with the logits' logical axes (vocab over ``tensor`` when a mesh is active)."""
+    return shard(head_logits(x, w), ("batch", "seq", "vocab"))  # [B, C, V] float32
+
+
 def head_nll(x, w, targets, chunk: int = 0):
     """x [B, T, D], w [D, V], targets [B, T] -> (nll, lse) [B, T] float32 each, as
     ``token_nll(head_logits(x, w), targets)``, holding at most [B, chunk, V] logits at a time
     (``chunk`` must divide T; 0 = all at once)."""
     b, t, d = x.shape
     if not chunk or chunk >= t:
-        return token_nll(head_logits(x, w), targets)
+        return token_nll(_sharded_logits(x, w), targets)
     if t % chunk:
         raise ValueError(f"head chunk {chunk} does not divide the sequence length {t}")
     n = t // chunk
@@ -95,7 +100,7 @@ def head_nll(x, w, targets, chunk: int = 0):
 
     @jax.checkpoint  # keep only (x_chunk, y_chunk): the [B, C, V] logits are recomputed
     def one(xy):
-        return token_nll(head_logits(xy[0], w), xy[1])  # ([B, C], [B, C])
+        return token_nll(_sharded_logits(xy[0], w), xy[1])  # ([B, C], [B, C])
 
     nll, lse = jax.lax.map(one, (xs, ys))  # [N, B, C] each
     back = lambda a: jnp.swapaxes(a, 0, 1).reshape(b, t)  # noqa: E731  [N, B, C] -> [B, T]
@@ -129,7 +134,7 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
 
     def one(dw, xs):  # one chunk: x_c [B, C, D], y_c, a_c, b_c [B, C]
         x_c, y_c, a_c, b_c = xs
-        z = shard(head_logits(x_c, w), ("batch", "seq", "vocab"))  # [B, C, V] float32
+        z = _sharded_logits(x_c, w)  # [B, C, V] float32
         m = jnp.max(z, axis=-1, keepdims=True)  # [B, C, 1]
         e = jnp.exp(z - m)  # [B, C, V]
         s = jnp.sum(e, axis=-1, keepdims=True)  # [B, C, 1]

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import ops
-from jaxlm.ops.head_loss import auto_chunk, head_logits
+from jaxlm.ops.head_loss import auto_chunk
 from jaxlm.optim import applied_lr
 from jaxlm.sharding import batch_sharding, host_to_global, replicated, shard
 from jaxlm.train.state import StateSpec, merge_buffers, split_buffers
@@ -57,8 +57,7 @@ def loss_fn(spec: StateSpec, params, batch, denom, z_loss: float = 0.0, dropout_
                                   (z_loss / denom) * mask, chunk)
         return loss, (nll * mask).sum()
     # model.head_chunk=0: the reading form -- whole [B, T, V] logits, autodiff through the loss
-    nll, lse = ops.token_nll(shard(head_logits(xn, w), ("batch", "seq", "vocab")),
-                             batch["targets"])  # [B, T] each, float32
+    nll, lse = ops.head_nll(xn, w, batch["targets"])  # [B, T] each, float32
     nll_sum = (nll * mask).sum()
     total = nll_sum + (z_loss * (jnp.square(lse) * mask).sum() if z_loss else 0.0)
     return total / denom, nll_sum
@@ -68,10 +67,7 @@ def head_nll(spec: StateSpec, model, x, targets):
     """x_L [B, T, D] -> (nll, lse) [B, T] without gradients (eval): over the same sequence chunks
     as training (``model.head_chunk``; jaxlm/ops/head_loss.py)."""
     xn, w = model.head_inputs(x)  # [B, T, D], [D, V]
-    chunk = _chunk(spec, xn, w)
-    if not chunk or chunk >= xn.shape[1]:
-        return ops.token_nll(shard(head_logits(xn, w), ("batch", "seq", "vocab")), targets)
-    return ops.head_nll(xn, w, targets, chunk)
+    return ops.head_nll(xn, w, targets, _chunk(spec, xn, w))
 
 
 def _chunk(spec: StateSpec, xn, w) -> int:
