@@ -140,6 +140,23 @@ def test_head_loss_chunks_cost_no_recomputation():
     assert temp(chunked) < 0.25 * temp(full), (temp(chunked), temp(full))
 
 
+def test_weight_gradient_product_contracts_the_lhs_last_dim():
+    """XLA:CPU sends a dot to its fast matmul library (YNNPACK) only when the lhs contracts its
+    last dim; ∂W = Σ x_cᵀ∂z_c written as ``x_c.T @ dz`` compiles to a dot contracting the lhs's
+    dim 0 (Eigen, ~20% slower here). head_loss lays x out as [N, D, B·C] behind an optimization
+    barrier, so no compiled dot of the gradient contracts a lhs's leading dim -- chunked or not."""
+    import re
+
+    x, w, y = _data(b=2, t=64, d=32, v=512)
+    _, a, b = _weights(y)
+    for chunk in (0, 16):
+        hlo = jax.jit(jax.grad(lambda x, w: head_loss(x, w, y, a, b, chunk)[0], argnums=(0, 1))) \
+            .lower(x, w).compile().as_text()
+        dots = re.findall(r"= f32\[[\d,]*\]\{[\d,]*\} dot\([^\n]*", hlo)
+        assert len(dots) >= 3, hlo  # z, ∂x, ∂W (fused computations' dots included)
+        assert not [d for d in dots if "lhs_contracting_dims={0}" in d], dots
+
+
 def test_train_step_with_chunks_matches_full_head():
     """The whole train step, fused in chunks (model.head_chunk=16) vs the unfused reading form
     (0: whole logits, autodiff): same loss, same updated params."""

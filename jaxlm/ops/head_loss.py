@@ -132,8 +132,8 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
         raise ValueError(f"head chunk {chunk} does not divide the sequence length {t}")
     n = t // chunk
 
-    def one(dw, xs):  # one chunk: x_c [B, C, D], y_c, a_c, b_c [B, C]
-        x_c, y_c, a_c, b_c = xs
+    def one(dw, xs):  # one chunk: x_c [B, C, D], xt_c [D, B·C], y_c, a_c, b_c [B, C]
+        x_c, xt_c, y_c, a_c, b_c = xs
         z = _sharded_logits(x_c, w)  # [B, C, V] float32
         m = jnp.max(z, axis=-1, keepdims=True)  # [B, C, 1]
         e = jnp.exp(z - m)  # [B, C, V]
@@ -148,17 +148,23 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
               - jnp.where(is_target, a_c[..., None], 0.0)).astype(x.dtype)  # [B, C, V]
         dz2 = dz.reshape(bsz * chunk, -1)  # [B·C, V]
         dx = jnp.matmul(dz2, w.T, preferred_element_type=jnp.float32)  # [B·C, D]
-        dw = dw + jnp.matmul(x_c.reshape(bsz * chunk, d).T, dz2,
-                             preferred_element_type=jnp.float32)  # [D, V]
+        dw = dw + jnp.matmul(xt_c, dz2, preferred_element_type=jnp.float32)  # [D, V]
         return dw, (loss, nll, dx.astype(x.dtype).reshape(bsz, chunk, d))
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if grads else None
+    # x laid out [N, D, B·C] for ∂W = Σ x_cᵀ ∂z_c, so each product contracts the lhs's last dim:
+    # XLA:CPU gives only that form to its fast matmul library (YNNPACK) -- a transposed lhs falls
+    # back to Eigen, ~20% slower here. One [B, T, D] copy per step; the optimization barrier keeps
+    # XLA from folding the transpose back into the dot.
+    xt = jax.lax.optimization_barrier(jnp.transpose(
+        x.reshape(bsz, n, chunk, d), (1, 3, 0, 2)).reshape(n, d, bsz * chunk)) if grads else None
     if n == 1:
-        dw, (loss, nll, dx) = one(dw0, (x, targets, a, b))
+        dw, (loss, nll, dx) = one(dw0, (x, None if xt is None else xt[0], targets, a, b))
         return loss, nll, (dx, dw.astype(w.dtype)) if grads else None
     split = lambda v: jnp.swapaxes(v.reshape((bsz, n, chunk) + v.shape[2:]), 0, 1)  # noqa: E731
     # [B, T, ...] -> [N, B, C, ...] chunks, scanned; outputs [N, B, C, ...] -> [B, T, ...]
-    dw, (loss, nll, dx) = jax.lax.scan(one, dw0, tuple(map(split, (x, targets, a, b))))
+    xs = (split(x), xt) + tuple(map(split, (targets, a, b)))
+    dw, (loss, nll, dx) = jax.lax.scan(one, dw0, xs)
     back = lambda v: jnp.swapaxes(v, 0, 1).reshape((bsz, t) + v.shape[3:])  # noqa: E731
     return loss.sum(), back(nll), (back(dx), dw.astype(w.dtype)) if grads else None
 
