@@ -467,3 +467,38 @@ def test_bits_per_byte_uniform_closed_form():
                                4.0, rtol=1e-6)
     # plain Python numbers too
     assert abs(bits_per_byte(10 * math.log(2.0), 5) - 2.0) < 1e-12
+
+
+# ----------------------------------------------------------------------------- matmul (Dense)
+
+
+@pytest.mark.parametrize("i,o", [(24, 40), (40, 24)])  # both of the CPU weight-gradient forms
+def test_matmul_gradients_against_float64(i, o):
+    """ops.layers.matmul: y = x·w, ∂x = ∂y·wᵀ, ∂w = xᵀ·∂y (its custom backward) against numpy
+    float64, for I ≤ O (xᵀ formed first) and I > O ((∂yᵀ·x)ᵀ)."""
+    from jaxlm.ops.layers import matmul
+
+    k = jax.random.split(jax.random.key(3), 3)
+    x, w = jax.random.normal(k[0], (16, i)), jax.random.normal(k[1], (i, o))
+    r = jax.random.normal(k[2], (16, o))  # L = Σ r ⊙ y  =>  ∂y = r
+    y, (dx, dw) = jax.value_and_grad(lambda x, w: (matmul(x, w) * r).sum(), argnums=(0, 1))(x, w)
+    x64, w64, r64 = (np.asarray(a, np.float64) for a in (x, w, r))
+    np.testing.assert_allclose(y, (x64 @ w64 * r64).sum(), rtol=1e-5)
+    np.testing.assert_allclose(dx, r64 @ w64.T, atol=ATOL)
+    np.testing.assert_allclose(dw, x64.T @ r64, atol=ATOL)
+
+
+def test_matmul_weight_gradient_is_row_major_on_cpu():
+    """The compiled CPU gradient of matmul holds no dot contracting a lhs's leading dim (the
+    form XLA:CPU leaves to Eigen); plain autodiff of x @ w does (the test can fail)."""
+    import re
+
+    from jaxlm.ops.layers import matmul
+
+    for fn, transposed in ((matmul, False), (jnp.matmul, True)):
+        for i, o in ((32, 48), (48, 32)):  # I ≤ O and I > O
+            hlo = jax.jit(jax.grad(lambda x, w, r: (fn(x, w) * r).sum(), argnums=1)) \
+                .lower(jnp.ones((64, i)), jnp.ones((i, o)), jnp.ones((64, o))).compile().as_text()
+            dots = re.findall(r" dot\([^\n]*", hlo)
+            assert dots, hlo
+            assert any("lhs_contracting_dims={0}" in d for d in dots) == transposed, dots

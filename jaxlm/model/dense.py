@@ -11,6 +11,8 @@ Example::
 
     import jax.numpy as jnp
     from flax import nnx
+
+from jaxlm.ops.layers import matmul
     from jaxlm.config import ModelConfig
     from jaxlm.model.dense import Dense
     w = Dense(ModelConfig(), (64,), (4, 16), ("embed", "heads", "head_dim"), std=0.02,
@@ -25,6 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxlm.ops.layers import matmul
 
 
 def param(rngs, shape, names, std):
@@ -42,7 +46,8 @@ class Dense(nnx.Module):
     dims of x, I/O = the flattened in/out dims; both reshapes are free). Written as a dot over
     ``[B, T, D]`` instead, the weight gradient contracts two dims (B and T) and XLA:CPU
     canonicalises it by physically transposing the ``[B, T, F]`` activation gradient before
-    every backward matmul.
+    every backward matmul. The product is :func:`jaxlm.ops.layers.matmul` (x·W whose weight
+    gradient xᵀ·∂y is laid out row-major for XLA:CPU's fast matmul path).
     """
 
     def __init__(self, cfg, in_shape, out_shape, names, *, std, rngs):
@@ -54,4 +59,4 @@ class Dense(nnx.Module):
         lead, ins, outs = x.shape[:x.ndim - self.n_in], w.shape[:self.n_in], w.shape[self.n_in:]
         x2 = x.reshape(math.prod(lead), math.prod(ins))  # [N, I]
         w2 = w.reshape(math.prod(ins), math.prod(outs))  # [I, O]
-        return (x2 @ w2).reshape(lead + outs)  # [..., *out_shape]
+        return matmul(x2, w2).reshape(lead + outs)  # [..., *out_shape]
