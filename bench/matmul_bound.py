@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import statistics
 import sys
 import time
@@ -43,10 +44,11 @@ def step_dots(jaxpr, mult: int = 1, out=None) -> collections.Counter:
     import jax
 
     out = collections.Counter() if out is None else out
+    backend = jax.default_backend()
     for eqn in jaxpr.eqns:
         if "branches_platforms" in eqn.params:  # jax.lax.platform_dependent: this platform's only
             plats = eqn.params["branches_platforms"]
-            here = [i for i, p in enumerate(plats) if p and jax.default_backend() in p]
+            here = [i for i, p in enumerate(plats) if p and backend in p]
             pick = here[0] if here else plats.index(None)
             step_dots(eqn.params["branches"][pick].jaxpr, mult, out)
             continue
@@ -73,16 +75,15 @@ def time_dot(key, repeats: int) -> tuple[float, float, bool]:
 
     sa, sb, dn, ta, tb = key
     a, b = jnp.full(sa, 0.01, ta), jnp.full(sb, 0.01, tb)
-    fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dn))
-    fast = "__ynn_fusion" in fn.lower(a, b).compile().as_text()
-    jax.block_until_ready(fn(a, b))
+    fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dn)).lower(a, b).compile()  # once
+    fast = "__ynn_fusion" in fn.as_text()
+    out = jax.block_until_ready(fn(a, b)).shape
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(a, b))
         best = min(best, time.perf_counter() - t0)
     (ca, _), _ = dn
-    out = jax.eval_shape(fn, a, b).shape
     return best, 2.0 * np.prod(out) * np.prod([sa[i] for i in ca]), fast
 
 
@@ -94,7 +95,7 @@ def run(cfg, steps: int = 10, repeats: int = 10) -> dict:
     from jaxlm.sharding import host_to_global, make_mesh
     from jaxlm.train.state import StateSpec
     from jaxlm.train.step import make_train_step
-    sys.path.insert(0, "bench")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, from any cwd
     from throughput import synthetic_batch
 
     mesh = make_mesh(cfg.mesh)

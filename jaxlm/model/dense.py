@@ -11,8 +11,6 @@ Example::
 
     import jax.numpy as jnp
     from flax import nnx
-
-from jaxlm.ops.layers import matmul
     from jaxlm.config import ModelConfig
     from jaxlm.model.dense import Dense
     w = Dense(ModelConfig(), (64,), (4, 16), ("embed", "heads", "head_dim"), std=0.02,

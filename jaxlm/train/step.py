@@ -23,7 +23,8 @@ when every gradient entry is, except that a float32 sum of squares above ~3.4e38
 ~1e19) also counts as non-finite — such a gradient could not be clipped either; reading the norm
 instead of testing every entry saves a pass over the gradients. The loop counts such a step
 (``skip``) or stops the run (``stop``). The step counter still advances (the batch was consumed
-and the LR schedule moves on), so step N always means N batches read and resume stays exact. ``metrics["nonfinite"]`` is 1 for such a step.
+and the LR schedule moves on), so step N always means N batches read and resume stays exact.
+``metrics["nonfinite"]`` is 1 for such a step.
 
 Example (see jaxlm/train/loop.py for the full wiring)::
 
@@ -116,7 +117,7 @@ def train_step(spec: StateSpec, state, batch):
             (_microbatches(batch, accum), jnp.arange(accum)))
     updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
     grad_norm = optax.tree.norm(grads)  # the clip's norm too (XLA computes it once)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # ⇔ every entry finite (docstring)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # every entry finite, or ‖g‖² overflows
     keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     new_state = {"step": state["step"] + 1,
                  "params": merge_buffers(jax.tree.map(
