@@ -212,3 +212,69 @@ def test_softmax_layer_auto_and_xla_equal_reference():
         out[impl] = np.asarray(layer(x, pos, segments(2, 16))[0])
     np.testing.assert_allclose(out["auto"], out["reference"], atol=1e-5)
     np.testing.assert_allclose(out["xla"], out["reference"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- reference backward
+
+
+def numpy_attention_grads(q, k, v, seg, r):
+    """d/d(q, k, v) of Σ r ⊙ attention(q, k, v) in float64 loops, from the softmax Jacobian
+    ∂p_s/∂s_u = p_s (δ_su − p_u) (not the rowsum(∂O ⊙ O) form the implementation uses)."""
+    q, k, v, r = (np.asarray(a, np.float64) for a in (q, k, v, r))
+    b_, t_, h_, d_ = q.shape
+    g_ = h_ // k.shape[2]
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for b in range(b_):
+        for h in range(h_):
+            kh = h // g_
+            for t in range(t_):
+                keys = [s for s in range(t + 1) if seg is None or seg[b, s] == seg[b, t]]
+                sc = np.array([q[b, t, h] @ k[b, s, kh] for s in keys]) / np.sqrt(d_)
+                p = np.exp(sc - sc.max())
+                p /= p.sum()
+                dp = np.array([r[b, t, h] @ v[b, s, kh] for s in keys])  # ∂L/∂p_s
+                ds = p * (dp - p @ dp) / np.sqrt(d_)  # Jacobian of the softmax, then 1/√D
+                for j, s in enumerate(keys):
+                    dq[b, t, h] += ds[j] * k[b, s, kh]
+                    dk[b, s, kh] += ds[j] * q[b, t, h]
+                    dv[b, s, kh] += p[j] * r[b, t, h]
+    return dq, dk, dv
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_reference_backward_matches_float64_loops(kv, with_segments):
+    """impl=reference's written-out backward (ops.attention.attention_fast_grad) against the
+    softmax Jacobian in float64 loops, with GQA and document masks; bf16 inputs give bf16
+    gradients close to the float32 ones."""
+    q, k, v = qkv(11, 3, 12, 4, kv, 8)
+    seg = segments(3, 12) if with_segments else None
+    r = jax.random.normal(jax.random.key(12), q.shape)
+    grad = jax.jit(jax.grad(lambda q, k, v: (attention(q, k, v, seg, impl="reference") * r).sum(),
+                            argnums=(0, 1, 2)))
+    want = numpy_attention_grads(q, k, v, None if seg is None else np.asarray(seg), r)
+    for got, ref in zip(grad(q, k, v), want):
+        np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5, rtol=1e-5)
+    got16 = grad(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+    for g16, ref in zip(got16, want):
+        assert g16.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g16, np.float32), ref, atol=0.1, rtol=0.1)
+
+
+def test_reference_backward_copies_no_score_sized_array():
+    """The compiled gradient (under remat, as in training) of impl=reference moves no [T, S]
+    array through a copy or transpose: only the narrow [T, D] operands are transposed.
+    Autodiff of the plain einsums (attention_reference) does (the test can fail)."""
+    import re
+
+    from jaxlm.ops.attention import attention_fast_grad, attention_reference, make_mask
+
+    b, t = 4, 256
+    q, k, v = qkv(0, b, t, 4, 4, 64)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = make_mask(pos, pos)
+    for fn, moves in ((attention_fast_grad, False), (attention_reference, True)):
+        f = jax.checkpoint(lambda q, k, v, fn=fn: (fn(q, k, v, mask) ** 2).sum())
+        hlo = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+        big = re.findall(rf"%((?:copy|transpose)[\w.\-]*) = f32\[[\d,]*{t},{t}\]", hlo)
+        assert bool(big) == moves, big

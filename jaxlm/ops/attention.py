@@ -12,7 +12,8 @@ would see alone.
 
 Implementations of the same function, selected by ``impl`` (``model.attn_impl``):
   * ``reference`` — the einsum below, written for reading; softmax in float32; the only one with
-                    attention-probability dropout.
+                    attention-probability dropout. Without dropout its gradient is written out
+                    (:func:`attention_fast_grad`: same values, laid out for XLA:CPU).
   * ``xla``       — ``jax.nn.dot_product_attention(implementation="xla")`` (``fused`` = old name).
   * ``cudnn``     — cuDNN flash attention (NVIDIA GPUs; bf16/fp16).
   * ``splash``    — Pallas splash attention (TPU; interpret mode on CPU).
@@ -68,6 +69,76 @@ def attention_reference(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_key
     return out.reshape(b, t, h, d)
 
 
+def _cpu_barrier(x):
+    """An optimization barrier on CPU (XLA keeps a transpose we wrote as its own copy instead of
+    folding it into the next dot, see :func:`jaxlm.ops.layers.matmul`); the identity elsewhere."""
+    return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
+
+
+def _heads_first(x, kv):
+    """[B, T, KV·G, D] -> [B, KV, G·T, D]: each key/value head's queries as one row block."""
+    b, t, h, d = x.shape
+    return x.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, -1, d)
+
+
+def _heads_last(x, t):
+    """[B, KV, G·T, D] -> [B, T, KV·G, D] (inverse of :func:`_heads_first`)."""
+    b, kv, gt, d = x.shape
+    return x.reshape(b, kv, gt // t, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
+
+
+@jax.custom_vjp
+def attention_fast_grad(q, k, v, mask):
+    """:func:`attention_reference` (no dropout) with its gradient written out, laid out for speed.
+
+    Same forward values. The backward is the softmax-attention gradient (Dao et al. 2022,
+    FlashAttention, Appendix B.2), per head with S = QKᵀ/√D, P = softmax(S), O = PV:
+
+        ∂V = Pᵀ∂O,  ∂P = ∂O Vᵀ,  ∂S = P ⊙ (∂P − rowsum(∂O ⊙ O)),  ∂Q = ∂S K/√D,  ∂K = ∂Sᵀ Q/√D.
+
+    ∂V and ∂K contract P and ∂S over their query dim. Autodiff of the einsums leaves XLA:CPU
+    transposing and copying those [T, S] matrices (and P's [B, KV, G, T, S] layout) to feed its
+    matmul library; here they are formed as (∂Oᵀ P)ᵀ and (Qᵀ ∂S)ᵀ, transposing only the narrow
+    [T, D] operands (held by an optimization barrier on CPU), with queries laid out
+    [B, KV, G·T, D] so every product is a plain row-major batched matmul. One layer of the bench
+    config, fwd + recompute + bwd: ~30 -> ~21 ms (bench/RESULTS.md, #18). Tested against the
+    softmax Jacobian in float64 loops (tests/test_attention_impl.py)."""
+    return _fast_fwd(q, k, v, mask)[0]
+
+
+def _fast_fwd(q, k, v, mask):
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qh = _heads_first(q, kv)  # [B, KV, G·T, D]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
+    m = jnp.broadcast_to(mask[:, None, None], (b, 1, h // kv) + mask.shape[1:])
+    m = m.reshape(b, 1, -1, mask.shape[2])  # [B, 1, G·T, S]
+    s = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32) * d**-0.5
+    p = jax.nn.softmax(jnp.where(m, s, _NEG), axis=-1)  # [B, KV, G·T, S] float32
+    o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vh)  # [B, KV, G·T, D]
+    return _heads_last(o, t), (qh, kh, vh, o, p)
+
+
+def _fast_bwd(res, do):
+    qh, kh, vh, o, p = res
+    t, kv, d = do.shape[1], kh.shape[1], qh.shape[-1]
+    f32 = jnp.float32
+    doh = _heads_first(do, kv)  # [B, KV, G·T, D]
+    dp = jnp.einsum("bkqd,bksd->bkqs", doh, vh, preferred_element_type=f32)  # [B, KV, G·T, S]
+    delta = jnp.sum(doh.astype(f32) * o.astype(f32), axis=-1, keepdims=True)  # rowsum(∂O ⊙ O)
+    ds = (p * (dp - delta) * d**-0.5).astype(qh.dtype)  # ∂S/√D
+    dq = jnp.einsum("bkqs,bksd->bkqd", ds, kh)  # [B, KV, G·T, D]
+    dk_t = jnp.einsum("bkdq,bkqs->bkds", _cpu_barrier(qh.transpose(0, 1, 3, 2)), ds)  # [B,KV,D,S]
+    dv_t = jnp.einsum("bkdq,bkqs->bkds", _cpu_barrier(doh.transpose(0, 1, 3, 2)),
+                      p.astype(doh.dtype))  # [B, KV, D, S]
+    dk = _cpu_barrier(dk_t).transpose(0, 3, 1, 2)  # [B, S, KV, D]
+    dv = _cpu_barrier(dv_t).transpose(0, 3, 1, 2)
+    return _heads_last(dq, t), dk, dv, None
+
+
+attention_fast_grad.defvjp(_fast_fwd, _fast_bwd)
+
+
 def resolve(q, impl: str, *, dropout: bool = False) -> str:
     """``impl`` (auto | reference | xla | fused | cudnn | splash) -> the impl that runs for q
     [B, T, H, K] on the devices being compiled for (logged once; see
@@ -105,4 +176,6 @@ def attention(q, k, v, segment_ids=None, *, impl: str = "reference", dropout_rat
         return kernels.splash_attention(q, k, v, segment_ids, interpret=interpret)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = make_mask(pos, pos, segment_ids, segment_ids)
+    if not training_dropout:
+        return attention_fast_grad(q, k, v, mask)
     return attention_reference(q, k, v, mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
