@@ -243,15 +243,23 @@ def numpy_attention_grads(q, k, v, seg, r):
 
 @pytest.mark.parametrize("kv", [4, 2, 1])
 @pytest.mark.parametrize("with_segments", [False, True])
-def test_reference_backward_matches_float64_loops(kv, with_segments):
-    """impl=reference's written-out backward (ops.attention.attention_fast_grad) against the
-    softmax Jacobian in float64 loops, with GQA and document masks; bf16 inputs give bf16
-    gradients close to the float32 ones."""
+@pytest.mark.parametrize("blocks", [None, 1, 3])
+def test_reference_backward_matches_float64_loops(kv, with_segments, blocks):
+    """impl=reference's written-out backward (ops.attention.attention_fast_grad; None: through
+    ``attention``, 1 or 3 causal query blocks called directly) against the softmax Jacobian in
+    float64 loops, with GQA and document masks; bf16 inputs give bf16 gradients close to the
+    float32 ones."""
+    from jaxlm.ops.attention import attention_fast_grad, attention_reference, make_mask
+
     q, k, v = qkv(11, 3, 12, 4, kv, 8)
     seg = segments(3, 12) if with_segments else None
     r = jax.random.normal(jax.random.key(12), q.shape)
-    grad = jax.jit(jax.grad(lambda q, k, v: (attention(q, k, v, seg, impl="reference") * r).sum(),
-                            argnums=(0, 1, 2)))
+    pos = jnp.broadcast_to(jnp.arange(12), (3, 12))
+    mask = make_mask(pos, pos, seg, seg)
+    fn = ((lambda q, k, v: attention(q, k, v, seg, impl="reference")) if blocks is None else
+          (lambda q, k, v: attention_fast_grad(q, k, v, mask, blocks)))
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v), attention_reference(q, k, v, mask), atol=1e-6)
+    grad = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * r).sum(), argnums=(0, 1, 2)))
     want = numpy_attention_grads(q, k, v, None if seg is None else np.asarray(seg), r)
     for got, ref in zip(grad(q, k, v), want):
         np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5, rtol=1e-5)

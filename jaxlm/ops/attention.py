@@ -32,6 +32,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -87,8 +89,8 @@ def _heads_last(x, t):
     return x.reshape(b, kv, gt // t, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
 
 
-@jax.custom_vjp
-def attention_fast_grad(q, k, v, mask):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention_fast_grad(q, k, v, mask, causal_blocks: int = 1):
     """:func:`attention_reference` (no dropout) with its gradient written out, laid out for speed.
 
     Same forward values. The backward is the softmax-attention gradient (Dao et al. 2022,
@@ -100,40 +102,54 @@ def attention_fast_grad(q, k, v, mask):
     transposing and copying those [T, S] matrices (and P's [B, KV, G, T, S] layout) to feed its
     matmul library; here they are formed as (∂Oᵀ P)ᵀ and (Qᵀ ∂S)ᵀ, transposing only the narrow
     [T, D] operands (held by an optimization barrier on CPU), with queries laid out
-    [B, KV, G·T, D] so every product is a plain row-major batched matmul. One layer of the bench
-    config, fwd + recompute + bwd: ~30 -> ~21 ms (bench/RESULTS.md, #18). Tested against the
-    softmax Jacobian in float64 loops (tests/test_attention_impl.py)."""
-    return _fast_fwd(q, k, v, mask)[0]
+    [B, KV, G·T, D] so every product is a plain row-major batched matmul.
+
+    ``causal_blocks=n`` (needs T = S, a causal mask and n | T) takes the queries n row blocks at a
+    time; block i only reads the keys before its end, (i+1)·T/n, since the mask hides the rest:
+    the products and the softmax skip (n−1)/2n of the [T, S] work (1/4 for n = 2). One layer of
+    the bench config, fwd + recompute + bwd: ~30 ms (autodiff) -> ~21 (n = 1) -> ~17 (n = 2)
+    (bench/RESULTS.md, #18). Tested against the softmax Jacobian in float64 loops
+    (tests/test_attention_impl.py)."""
+    return _fast_fwd(q, k, v, mask, causal_blocks)[0]
 
 
-def _fast_fwd(q, k, v, mask):
+def _fast_fwd(q, k, v, mask, blocks):
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    qh = _heads_first(q, kv)  # [B, KV, G·T, D]
+    kv, tb = k.shape[2], t // blocks
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
-    m = jnp.broadcast_to(mask[:, None, None], (b, 1, h // kv) + mask.shape[1:])
-    m = m.reshape(b, 1, -1, mask.shape[2])  # [B, 1, G·T, S]
-    s = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32) * d**-0.5
-    p = jax.nn.softmax(jnp.where(m, s, _NEG), axis=-1)  # [B, KV, G·T, S] float32
-    o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vh)  # [B, KV, G·T, D]
-    return _heads_last(o, t), (qh, kh, vh, o, p)
+    outs, res = [], []
+    for r0 in range(0, t, tb):  # query rows [r0, r0 + tb): keys [0, n)
+        n = k.shape[1] if blocks == 1 else r0 + tb
+        qh = _heads_first(q[:, r0:r0 + tb], kv)  # [B, KV, G·Tb, D]
+        m = jnp.broadcast_to(mask[:, None, None, r0:r0 + tb, :n], (b, 1, h // kv, tb, n))
+        s = jnp.einsum("bkqd,bksd->bkqs", qh, kh[:, :, :n], preferred_element_type=jnp.float32)
+        s = jnp.where(m.reshape(b, 1, -1, n), s * d**-0.5, _NEG)  # [B, KV, G·Tb, n]
+        p = jax.nn.softmax(s, axis=-1)  # float32
+        o = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vh[:, :, :n])  # [B, KV, G·Tb, D]
+        outs.append(_heads_last(o, tb))
+        res.append((qh, o, p))
+    return jnp.concatenate(outs, axis=1), (kh, vh, res)
 
 
-def _fast_bwd(res, do):
-    qh, kh, vh, o, p = res
-    t, kv, d = do.shape[1], kh.shape[1], qh.shape[-1]
-    f32 = jnp.float32
-    doh = _heads_first(do, kv)  # [B, KV, G·T, D]
-    dp = jnp.einsum("bkqd,bksd->bkqs", doh, vh, preferred_element_type=f32)  # [B, KV, G·T, S]
-    delta = jnp.sum(doh.astype(f32) * o.astype(f32), axis=-1, keepdims=True)  # rowsum(∂O ⊙ O)
-    ds = (p * (dp - delta) * d**-0.5).astype(qh.dtype)  # ∂S/√D
-    dq = jnp.einsum("bkqs,bksd->bkqd", ds, kh)  # [B, KV, G·T, D]
-    dk_t = jnp.einsum("bkdq,bkqs->bkds", _cpu_barrier(qh.transpose(0, 1, 3, 2)), ds)  # [B,KV,D,S]
-    dv_t = jnp.einsum("bkdq,bkqs->bkds", _cpu_barrier(doh.transpose(0, 1, 3, 2)),
-                      p.astype(doh.dtype))  # [B, KV, D, S]
-    dk = _cpu_barrier(dk_t).transpose(0, 3, 1, 2)  # [B, S, KV, D]
-    dv = _cpu_barrier(dv_t).transpose(0, 3, 1, 2)
-    return _heads_last(dq, t), dk, dv, None
+def _fast_bwd(blocks, res, do):
+    kh, vh, per_block = res
+    (b, kv, s_len, d), tb, f32 = kh.shape, do.shape[1] // blocks, jnp.float32
+    dq, dk_t, dv_t = [], 0.0, 0.0
+    for i, (qh, o, p) in enumerate(per_block):
+        n = p.shape[-1]
+        doh = _heads_first(do[:, i * tb:(i + 1) * tb], kv)  # [B, KV, G·Tb, D]
+        dp = jnp.einsum("bkqd,bksd->bkqs", doh, vh[:, :, :n], preferred_element_type=f32)
+        delta = jnp.sum(doh.astype(f32) * o.astype(f32), axis=-1, keepdims=True)  # rowsum(∂O⊙O)
+        ds = (p * (dp - delta) * d**-0.5).astype(qh.dtype)  # ∂S/√D  [B, KV, G·Tb, n]
+        dq.append(_heads_last(jnp.einsum("bkqs,bksd->bkqd", ds, kh[:, :, :n]), tb))
+        pad = ((0, 0), (0, 0), (0, 0), (0, s_len - n))  # keys [n, S) get nothing from this block
+        dk_t += jnp.pad(jnp.einsum("bkdq,bkqs->bkds", _cpu_barrier(qh.transpose(0, 1, 3, 2)), ds,
+                                   preferred_element_type=f32), pad)  # [B, KV, D, S]
+        dv_t += jnp.pad(jnp.einsum("bkdq,bkqs->bkds", _cpu_barrier(doh.transpose(0, 1, 3, 2)),
+                                   p.astype(doh.dtype), preferred_element_type=f32), pad)
+    dk = _cpu_barrier(dk_t.astype(kh.dtype)).transpose(0, 3, 1, 2)  # [B, S, KV, D]
+    dv = _cpu_barrier(dv_t.astype(vh.dtype)).transpose(0, 3, 1, 2)
+    return jnp.concatenate(dq, axis=1), dk, dv, None
 
 
 attention_fast_grad.defvjp(_fast_fwd, _fast_bwd)
@@ -177,5 +193,5 @@ def attention(q, k, v, segment_ids=None, *, impl: str = "reference", dropout_rat
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = make_mask(pos, pos, segment_ids, segment_ids)
     if not training_dropout:
-        return attention_fast_grad(q, k, v, mask)
+        return attention_fast_grad(q, k, v, mask, 2 if t % 2 == 0 and t >= 128 else 1)
     return attention_reference(q, k, v, mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
