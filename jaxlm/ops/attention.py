@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.ops import attention_kernels as kernels
-from jaxlm.ops.layers import dropout
+from jaxlm.ops.layers import cpu_barrier, dropout
 
 _NEG = -1e30  # large negative instead of -inf: a fully masked row stays finite
 
@@ -69,12 +69,6 @@ def attention_reference(q, k, v, mask, *, dropout_rate: float = 0.0, dropout_key
     probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, KV, G, D]
     return out.reshape(b, t, h, d)
-
-
-def _cpu_barrier(x):
-    """An optimization barrier on CPU (XLA keeps a transpose we wrote as its own copy instead of
-    folding it into the next dot, see :func:`jaxlm.ops.layers.matmul`); the identity elsewhere."""
-    return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
 def _heads_first(x, kv):
@@ -143,12 +137,12 @@ def _fast_bwd(blocks, res, do):
         ds = (p * (dp - delta) * d**-0.5).astype(qh.dtype)  # ∂S/√D  [B, KV, G·Tb, n]
         dq.append(_heads_last(jnp.einsum("bkqs,bksd->bkqd", ds, kh[:, :, :n]), tb))
         pad = ((0, 0), (0, 0), (0, 0), (0, s_len - n))  # keys [n, S) get nothing from this block
-        dk_t += jnp.pad(jnp.einsum("bkdq,bkqs->bkds", _cpu_barrier(qh.transpose(0, 1, 3, 2)), ds,
+        dk_t += jnp.pad(jnp.einsum("bkdq,bkqs->bkds", cpu_barrier(qh.transpose(0, 1, 3, 2)), ds,
                                    preferred_element_type=f32), pad)  # [B, KV, D, S]
-        dv_t += jnp.pad(jnp.einsum("bkdq,bkqs->bkds", _cpu_barrier(doh.transpose(0, 1, 3, 2)),
+        dv_t += jnp.pad(jnp.einsum("bkdq,bkqs->bkds", cpu_barrier(doh.transpose(0, 1, 3, 2)),
                                    p.astype(doh.dtype), preferred_element_type=f32), pad)
-    dk = _cpu_barrier(dk_t.astype(kh.dtype)).transpose(0, 3, 1, 2)  # [B, S, KV, D]
-    dv = _cpu_barrier(dv_t.astype(vh.dtype)).transpose(0, 3, 1, 2)
+    dk = cpu_barrier(dk_t.astype(kh.dtype)).transpose(0, 3, 1, 2)  # [B, S, KV, D]
+    dv = cpu_barrier(dv_t.astype(vh.dtype)).transpose(0, 3, 1, 2)
     return jnp.concatenate(dq, axis=1), dk, dv, None
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.ops.layers import cpu_barrier
 from jaxlm.ops.losses import token_nll
 from jaxlm.sharding import shard
 
@@ -154,9 +155,9 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
     dw0 = jnp.zeros(w.shape, jnp.float32) if grads else None
     # x laid out [N, D, B·C] for ∂W = Σ x_cᵀ ∂z_c, so each product contracts the lhs's last dim:
     # XLA:CPU gives only that form to its fast matmul library (YNNPACK) -- a transposed lhs falls
-    # back to Eigen, ~20% slower here. One [B, T, D] copy per step; the optimization barrier keeps
-    # XLA from folding the transpose back into the dot.
-    xt = jax.lax.optimization_barrier(jnp.transpose(
+    # back to Eigen, ~20% slower here. One [B, T, D] copy per step; the (CPU-only) optimization
+    # barrier keeps XLA from folding the transpose back into the dot.
+    xt = cpu_barrier(jnp.transpose(
         x.reshape(bsz, n, chunk, d), (1, 3, 0, 2)).reshape(n, d, bsz * chunk)) if grads else None
     if n == 1:
         dw, (loss, nll, dx) = one(dw0, (x, None if xt is None else xt[0], targets, a, b))

@@ -41,6 +41,13 @@ def dropout(x, rate: float, key=None):
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def cpu_barrier(x):
+    """An optimization barrier on CPU, the identity elsewhere: keeps a transpose written for
+    XLA:CPU's matmul library as its own copy instead of letting XLA fold it back into the next
+    dot (see :func:`matmul`); other backends choose their own layouts."""
+    return jax.lax.platform_dependent(x, cpu=jax.lax.optimization_barrier, default=lambda x: x)
+
+
 @jax.custom_vjp
 def matmul(x, w):
     """x [N, I] @ w [I, O] -> [N, O], with the weight gradient ∂w = xᵀ·∂y laid out for XLA:CPU.
