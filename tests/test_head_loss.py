@@ -140,6 +140,37 @@ def test_head_loss_chunks_cost_no_recomputation():
     assert temp(chunked) < 0.25 * temp(full), (temp(chunked), temp(full))
 
 
+def test_no_vocab_sized_gradient_pass():
+    """∂z = r·e − a·onehot(y) is never written: its row scale r goes onto the [B·C, D] operands
+    and the one-hot part is a gather/scatter of B·T columns, so the only elementwise work on
+    [.., V] arrays in the gradient is the softmax's own (z − m, exp); no one-hot compare, select
+    or scaling of a [.., V] array (the form before wrote ∂z with all three)."""
+    x, w, y = _data(b=2, t=64, d=16, v=1000)
+    _, a, b = _weights(y)
+    allowed = {"sub", "exp", "broadcast_in_dim", "reshape", "convert_element_type", "dot_general",
+               "reduce_max", "reduce_sum", "squeeze", "expand_dims", "gather", "scatter-add",
+               "scatter_add", "transpose", "copy", "pjit", "scan", "custom_vjp_call",
+               "custom_vjp_call_jaxpr", "dynamic_slice", "slice", "concatenate"}
+
+    def vocab_ops(jaxpr, out):  # primitives with a [tokens.., V] output (not ∂W's [D, V] ones)
+        for eqn in jaxpr.eqns:
+            shapes = [getattr(v.aval, "shape", ()) for v in eqn.outvars]
+            if any(s[-1:] == (1000,) and s != w.shape for s in shapes):
+                out.add(eqn.primitive.name)
+            for p in eqn.params.values():
+                for j in (p if isinstance(p, (list, tuple)) else [p]):
+                    inner = getattr(j, "jaxpr", None)
+                    if inner is not None and hasattr(inner, "eqns"):
+                        vocab_ops(inner, out)
+        return out
+
+    for chunk in (0, 16):
+        fn = jax.grad(lambda x, w: head_loss(x, w, y, a, b, chunk)[0], argnums=(0, 1))
+        ops = vocab_ops(jax.make_jaxpr(fn)(x, w).jaxpr, set())
+        assert "exp" in ops and "dot_general" in ops, ops  # the walk reaches the chunk body
+        assert not ops - allowed, ops - allowed
+
+
 def test_weight_gradient_product_contracts_the_lhs_last_dim():
     """XLA:CPU sends a dot to its fast matmul library (YNNPACK) only when the lhs contracts its
     last dim; ∂W = Σ x_cᵀ∂z_c written as ``x_c.T @ dz`` compiles to a dot contracting the lhs's

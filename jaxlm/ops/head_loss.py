@@ -15,9 +15,15 @@ a_t = m_t / Σm (the loss mask over the batch's target count) and b_t = α·a_t 
 
 Every term is a sum over tokens, so the tokens can be taken C sequence positions at a time.
 :func:`head_loss` (the train step's path) scans over T/C chunks of [B, C] tokens and, because a
-and b are known before the backward pass, forms each chunk's ∂z right after its logits, turns it
-into ∂x_chunk and adds it into ∂W, then drops the chunk's [B, C, V] arrays; its backward pass only
-scales the stored ∂x [B, T, D] and ∂W [D, V] by the loss's cotangent. That is the order of
+and b are known before the backward pass, forms each chunk's gradients right after its logits,
+then drops the chunk's [B, C, V] arrays; its backward pass only scales the stored ∂x [B, T, D]
+and ∂W [D, V] by the loss's cotangent. ∂z itself is never written: with e_t = exp(z_t − max z_t),
+s_t = Σ_v e_tv and r_t = (a_t + 2 b_t lse_t)/s_t, ∂z_t = r_t·e_t − a_t·onehot(y_t), so
+
+    ∂x_t = r_t·(e_t Wᵀ) − a_t·W[:, y_t],   ∂W = Σ_t (r_t x_t)ᵀ e_t − Σ_t a_t x_t ⊗ onehot(y_t)
+
+-- both products read e directly, the row scales go on the narrow [B·C, D] operands, and the
+one-hot terms are a gather and a scatter-add of B·T columns of W / ∂W. That is the order of
 Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024); Wijmans et al. 2024, "Cut Your Losses
 in Large-Vocabulary Language Models", goes further and never writes even a chunk's logits, with a
 custom kernel. Peak memory for the head falls from O(B·T·V) to O(B·C·V) with the three matmuls of
@@ -116,8 +122,8 @@ def head_loss(x, w, targets, a, b, chunk: int = 0):
     With a = mask/denominator and b = z_loss·mask/denominator this is the train step's loss.
 
     Because the weights are known before the backward pass, ∂loss/∂z_t = (a_t + 2 b_t lse_t)·p_t −
-    a_t·onehot(y_t) is formed right after the chunk's logits (module docstring), turned into
-    ∂x_chunk = ∂z Wᵀ and added into ∂W = Σ xᵀ∂z; the logits die with the chunk. The backward pass
+    a_t·onehot(y_t) is taken right after the chunk's logits into ∂x_chunk = ∂z Wᵀ and
+    ∂W += xᵀ∂z (without writing ∂z: module docstring); the logits die with the chunk. The backward pass
     only scales the stored ∂x [B, T, D] and ∂W [D, V] by the loss's cotangent: no logits are
     recomputed (the Liger-Kernel "fused linear cross-entropy" order), so chunking costs no extra
     matmul. ``nll`` is a metric: its gradient is taken as zero (as if ``stop_gradient``-ed).
@@ -138,19 +144,21 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
         z = _sharded_logits(x_c, w)  # [B, C, V] float32
         m = jnp.max(z, axis=-1, keepdims=True)  # [B, C, 1]
         e = jnp.exp(z - m)  # [B, C, V]
-        s = jnp.sum(e, axis=-1, keepdims=True)  # [B, C, 1]
-        lse = (m + jnp.log(s))[..., 0]  # [B, C]
+        s = jnp.sum(e, axis=-1)  # [B, C]
+        lse = m[..., 0] + jnp.log(s)  # [B, C]
         nll = lse - jnp.take_along_axis(z, y_c[..., None], axis=-1)[..., 0]  # [B, C]
         loss = jnp.sum(a_c * nll + b_c * jnp.square(lse))
         if not grads:
             return dw, (loss, nll, None)
-        is_target = y_c[..., None] == jnp.arange(z.shape[-1])  # [B, C, V] one-hot (iota)
-        dz = (e * ((a_c + 2.0 * b_c * lse)[..., None] / s)
-              - jnp.where(is_target, a_c[..., None], 0.0)).astype(x.dtype)  # [B, C, V]
-        dz2 = dz.reshape(bsz * chunk, -1)  # [B·C, V]
-        dx = jnp.matmul(dz2, w.T, preferred_element_type=jnp.float32)  # [B·C, D]
-        dw = dw + jnp.matmul(xt_c, dz2, preferred_element_type=jnp.float32)  # [D, V]
-        return dw, (loss, nll, dx.astype(x.dtype).reshape(bsz, chunk, d))
+        # ∂z = r·e − a·onehot(y) with r = (a + 2b·lse)/s per row. The row scale r moves onto the
+        # narrow operands -- ∂x = r ⊙ (e Wᵀ), ∂W += (x ⊙ r)ᵀ e -- and the one-hot part is added
+        # after the scan (_one_hot_part), so no [B, C, V] ∂z pass is written: both products read e.
+        r = ((a_c + 2.0 * b_c * lse) / s).reshape(bsz * chunk)  # [B·C]
+        e2 = e.reshape(bsz * chunk, -1).astype(x.dtype)  # [B·C, V]
+        dx = r[:, None] * jnp.matmul(e2, w.T, preferred_element_type=jnp.float32)  # [B·C, D]
+        dw = dw + jnp.matmul((xt_c * r).astype(x.dtype), e2,
+                             preferred_element_type=jnp.float32)  # [D, B·C] @ [B·C, V]
+        return dw, (loss, nll, dx.reshape(bsz, chunk, d))
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if grads else None
     # x laid out [N, D, B·C] for ∂W = Σ x_cᵀ ∂z_c, so each product contracts the lhs's last dim:
@@ -161,13 +169,28 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
         x.reshape(bsz, n, chunk, d), (1, 3, 0, 2)).reshape(n, d, bsz * chunk)) if grads else None
     if n == 1:
         dw, (loss, nll, dx) = one(dw0, (x, None if xt is None else xt[0], targets, a, b))
-        return loss, nll, (dx, dw.astype(w.dtype)) if grads else None
-    split = lambda v: jnp.swapaxes(v.reshape((bsz, n, chunk) + v.shape[2:]), 0, 1)  # noqa: E731
-    # [B, T, ...] -> [N, B, C, ...] chunks, scanned; outputs [N, B, C, ...] -> [B, T, ...]
-    xs = (split(x), xt) + tuple(map(split, (targets, a, b)))
-    dw, (loss, nll, dx) = jax.lax.scan(one, dw0, xs)
-    back = lambda v: jnp.swapaxes(v, 0, 1).reshape((bsz, t) + v.shape[3:])  # noqa: E731
-    return loss.sum(), back(nll), (back(dx), dw.astype(w.dtype)) if grads else None
+    else:
+        split = lambda v: jnp.swapaxes(v.reshape((bsz, n, chunk) + v.shape[2:]), 0, 1)  # noqa: E731
+        # [B, T, ...] -> [N, B, C, ...] chunks, scanned; outputs [N, B, C, ...] -> [B, T, ...]
+        xs = (split(x), xt) + tuple(map(split, (targets, a, b)))
+        dw, (loss, nll, dx) = jax.lax.scan(one, dw0, xs)
+        back = lambda v: jnp.swapaxes(v, 0, 1).reshape((bsz, t) + v.shape[3:])  # noqa: E731
+        loss, nll, dx = loss.sum(), back(nll), back(dx) if grads else None
+    if not grads:
+        return loss, nll, None
+    dx, dw = _one_hot_part(x, w, targets, a, dx, dw)
+    return loss, nll, (dx.astype(x.dtype), dw.astype(w.dtype))
+
+
+def _one_hot_part(x, w, targets, a, dx, dw):
+    """The −a·onehot(y) term of ∂z for all tokens at once: ∂x_t −= a_t·W[:, y_t] (a gather of
+    B·T columns of W) and ∂W[:, y_t] −= a_t·x_t (a scatter-add into B·T columns), [B, T, D] work
+    instead of a [B, T, V] pass."""
+    bsz, t, d = x.shape
+    y = targets.reshape(bsz * t)  # [N]
+    ax = (a[..., None] * x.astype(jnp.float32)).reshape(bsz * t, d)  # [N, D]
+    wy = jnp.take(w, y, axis=1).astype(jnp.float32).T.reshape(bsz, t, d)  # W[:, y]ᵀ [B, T, D]
+    return dx - a[..., None] * wy, dw.at[:, y].add(-ax.T)  # [B, T, D], [D, V]
 
 
 def _head_loss_fwd(x, w, targets, a, b, chunk):
