@@ -21,6 +21,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -422,3 +423,45 @@ def test_kill9_anywhere_then_resume_equals_uninterrupted(tmp_path):
     fa, fb = restore_latest(ref_out, spec), restore_latest(out, spec)
     assert fa.step == fb.step == steps
     assert_same(fa.state, fb.state)  # params, optimizer state, step, RNG: bit-identical
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_cond_and_select_guards_agree(finite):
+    """The CPU guard (lax.cond) and the accelerators' (a select per leaf) give the same params and
+    AdamW state: the update when finite, the old values bit for bit when not."""
+    import optax
+
+    from jaxlm.train.step import _update_cond, _update_select
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+    params = {"w": jnp.arange(12.0).reshape(3, 4) / 7, "b": jnp.ones(4)}
+    grads = jax.tree.map(lambda p: jnp.sin(p) + 0.5, params)
+    state = tx.init(params)
+    flag = jnp.asarray(finite)
+    p1, s1 = jax.jit(_update_cond, static_argnums=0)(tx, flag, params, grads, state)
+    p2, s2 = jax.jit(_update_select, static_argnums=0)(tx, flag, params, grads, state)
+    if finite:  # the same update (XLA may fuse the two forms differently: float32 rounding)
+        upd, s_ref = tx.update(grads, state, params)
+        for got in ((p1, s1), (p2, s2)):
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                         host(got), host((optax.apply_updates(params, upd), s_ref)))
+    else:
+        assert_same((p1, s1), (params, state))
+        assert_same((p2, s2), (params, state))
+
+
+def test_cpu_step_guards_with_a_conditional(tmp_path):
+    from jaxlm.train.step import make_train_step
+
+    from jaxlm.data import make_data_source
+    from jaxlm.train.state import resolve_vocab
+
+    cfg = tiny(tmp_path, *QUICK)
+    cfg = resolve_vocab(cfg, make_data_source(cfg.data).tokenizer.vocab_size)
+    spec = StateSpec.build(cfg, make_mesh(cfg.mesh), build_optimizer(cfg))
+    state = spec.init()
+    b = np.zeros((8, cfg.data.seq_len), np.int32)
+    batch = {"inputs": b, "targets": b, "positions": b, "segment_ids": b + 1,
+             "loss_mask": np.ones(b.shape, np.float32), "target_bytes": b + 1}
+    hlo = make_train_step(spec).jitted.lower(state, batch).compile().as_text()
+    assert hlo.count(" conditional(") == 1  # the update under lax.cond (the select form has none)

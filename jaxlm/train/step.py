@@ -16,9 +16,9 @@ uninterrupted one, and ``model.dropout=0`` never touches it (the step is the one
 The logged ``lr`` is the one the update applied (:func:`jaxlm.optim.applied_lr`).
 
 Non-finite guard (``train.nonfinite``): a device-side flag ``finite = isfinite(loss) and
-isfinite(‖g‖₂)`` selects, with ``jnp.where``, between the updated and the old params and
-optimizer state, so a step with a NaN/inf loss or gradient leaves both unchanged — whatever the
-mode. The global norm (which clipping and the ``grad_norm`` metric need anyway) is finite exactly
+isfinite(‖g‖₂)`` selects between the updated and the old params and optimizer state
+(``jnp.where``; on CPU a ``lax.cond``, see :func:`_guarded_update`), so a step with a NaN/inf
+loss or gradient leaves both unchanged — whatever the mode. The global norm (which clipping and the ``grad_norm`` metric need anyway) is finite exactly
 when every gradient entry is, except that a float32 sum of squares above ~3.4e38 (entries beyond
 ~1e19) also counts as non-finite — such a gradient could not be clipped either; reading the norm
 instead of testing every entry saves a pass over the gradients. The loop counts such a step
@@ -115,19 +115,45 @@ def train_step(spec: StateSpec, state, batch):
         (grads, loss, nll_sum), _ = jax.lax.scan(
             micro, (zeros, jnp.zeros(()), jnp.zeros(())),
             (_microbatches(batch, accum), jnp.arange(accum)))
-    updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
     grad_norm = optax.tree.norm(grads)  # the clip's norm too (XLA computes it once)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # every entry finite, or ‖g‖² overflows
-    keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    new_state = {"step": state["step"] + 1,
-                 "params": merge_buffers(jax.tree.map(
-                     keep_if_bad, optax.apply_updates(params, updates), params), buffers),
-                 "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"]),
-                 "rng": state["rng"]}
+    params, opt_state = _guarded_update(spec.tx, finite, params, grads, state["opt_state"])
+    new_state = {"step": state["step"] + 1, "params": merge_buffers(params, buffers),
+                 "opt_state": opt_state, "rng": state["rng"]}
     metrics = {"loss": loss, "nll": nll_sum / denom, "grad_norm": grad_norm,
                "lr": applied_lr(cfg, state["opt_state"]), "tokens": denom,
                "nonfinite": (~finite).astype(jnp.int32)}
     return new_state, metrics
+
+
+def _guarded_update(tx, finite, params, grads, opt_state):
+    """(params, opt_state) after the update when ``finite``, else both unchanged.
+
+    On accelerators a ``jnp.where`` per leaf between the new and the old values
+    (:func:`_update_select`). On CPU a ``lax.cond`` (:func:`_update_cond`): with the old state
+    donated, XLA:CPU fused the select-guarded update so that the parameter update recomputed the
+    moments from the *old* moments, which the moments' own in-place update then had to keep alive
+    as copies -- the AdamW update took 52 ms a step on the bench config under the select, 33 ms
+    under the cond (bench/RESULTS.md). A cond on GPU syncs its predicate to the host each step,
+    so the other platforms keep the select."""
+    return jax.lax.platform_dependent(finite, params, grads, opt_state,
+                                      cpu=lambda *a: _update_cond(tx, *a),
+                                      default=lambda *a: _update_select(tx, *a))
+
+
+def _apply(tx, params, grads, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _update_select(tx, finite, params, grads, opt_state):
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                        _apply(tx, params, grads, opt_state), (params, opt_state))
+
+
+def _update_cond(tx, finite, params, grads, opt_state):
+    return jax.lax.cond(finite, lambda p, g, s: _apply(tx, p, g, s), lambda p, g, s: (p, s),
+                        params, grads, opt_state)
 
 
 def eval_step(spec: StateSpec, params, batch):
