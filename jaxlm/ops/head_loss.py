@@ -156,11 +156,10 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
         r = ((a_c + 2.0 * b_c * lse) / s).reshape(bsz * chunk)  # [B·C]
         e2 = e.reshape(bsz * chunk, -1).astype(x.dtype)  # [B·C, V]
         dx = r[:, None] * jnp.matmul(e2, w.T, preferred_element_type=jnp.float32)  # [B·C, D]
-        dw = dw + jnp.matmul((xt_c * r).astype(x.dtype), e2,
-                             preferred_element_type=jnp.float32)  # [D, B·C] @ [B·C, V]
-        return dw, (loss, nll, dx.reshape(bsz, chunk, d))
+        dw_c = jnp.matmul((xt_c * r).astype(x.dtype), e2,
+                          preferred_element_type=jnp.float32)  # [D, B·C] @ [B·C, V]
+        return (dw_c if dw is None else dw + dw_c), (loss, nll, dx.reshape(bsz, chunk, d))
 
-    dw0 = jnp.zeros(w.shape, jnp.float32) if grads else None
     # x laid out [N, D, B·C] for ∂W = Σ x_cᵀ ∂z_c, so each product contracts the lhs's last dim:
     # XLA:CPU gives only that form to its fast matmul library (YNNPACK) -- a transposed lhs falls
     # back to Eigen, ~20% slower here. One [B, T, D] copy per step; the (CPU-only) optimization
@@ -168,12 +167,15 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
     xt = cpu_barrier(jnp.transpose(
         x.reshape(bsz, n, chunk, d), (1, 3, 0, 2)).reshape(n, d, bsz * chunk)) if grads else None
     if n == 1:
-        dw, (loss, nll, dx) = one(dw0, (x, None if xt is None else xt[0], targets, a, b))
+        dw, (loss, nll, dx) = one(None, (x, None if xt is None else xt[0], targets, a, b))
     else:
         split = lambda v: jnp.swapaxes(v.reshape((bsz, n, chunk) + v.shape[2:]), 0, 1)  # noqa: E731
-        # [B, T, ...] -> [N, B, C, ...] chunks, scanned; outputs [N, B, C, ...] -> [B, T, ...]
+        # [B, T, ...] -> [N, B, C, ...] chunks; chunk 0 starts ∂W (no zeros, no add), the rest
+        # are scanned; outputs [N, B, C, ...] -> [B, T, ...]
         xs = (split(x), xt) + tuple(map(split, (targets, a, b)))
-        dw, (loss, nll, dx) = jax.lax.scan(one, dw0, xs)
+        dw, first = one(None, jax.tree.map(lambda v: v[0], xs))
+        dw, rest = jax.lax.scan(one, dw, jax.tree.map(lambda v: v[1:], xs))
+        loss, nll, dx = jax.tree.map(lambda f, r: jnp.concatenate([f[None], r]), first, rest)
         back = lambda v: jnp.swapaxes(v, 0, 1).reshape((bsz, t) + v.shape[3:])  # noqa: E731
         loss, nll, dx = loss.sum(), back(nll), back(dx) if grads else None
     if not grads:
