@@ -234,6 +234,22 @@ def test_with_clipping_bounds_global_norm():
     jax.tree.map(np.testing.assert_array_equal, out, grads)
 
 
+def test_clip_equals_optax_and_keeps_its_state():
+    """jaxlm's clip (one scalar factor, for XLA:CPU's fusion) is optax.clip_by_global_norm to
+    float32 rounding, with the same (empty) state, so checkpoints of either restore into both."""
+    from jaxlm.optim.build import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1.0, 50.0):  # below, near and far above the threshold
+        g = {"w": rng.normal(size=(5, 7)).astype(np.float32) * scale,
+             "b": rng.normal(size=(7,)).astype(np.float32) * scale}
+        ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+        assert jax.tree.structure(ours.init(g)) == jax.tree.structure(theirs.init(g))
+        a, _ = jax.jit(ours.update)(g, ours.init(g))
+        b, _ = jax.jit(theirs.update)(g, theirs.init(g))
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=3e-7, atol=0), a, b)
+
+
 # ----------------------------------------------------------------------------------- registry
 def test_unknown_optimizer_is_config_error():
     cfg = Config(optim=OptimConfig(name="lion"))  # bypasses validation on purpose

@@ -143,8 +143,24 @@ def decay_mask(params: Any, optim_cfg: OptimConfig) -> Any:
 def with_clipping(optim_cfg: OptimConfig, tx: optax.GradientTransformation):
     """Prefix ``tx`` with global-norm clipping when ``optim.grad_clip > 0`` (shared by builders)."""
     if optim_cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), tx)
+        return optax.chain(clip_by_global_norm(optim_cfg.grad_clip), tx)
     return tx
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """g · min(1, max_norm / ‖g‖₂) (Pascanu et al. 2013), as ``optax.clip_by_global_norm``
+    (the same empty state) but with one scalar factor: optax divides every entry by the norm, a
+    per-entry division that XLA:CPU does not repeat inside the two moment updates that read the
+    clipped gradient, so it wrote the clipped gradients out first -- an extra pass over all of
+    them (the AdamW update alone: 28 -> 21 ms on the bench config, bench/RESULTS.md)."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)  # a scalar
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def build_adamw(cfg: Config) -> optax.GradientTransformation:
