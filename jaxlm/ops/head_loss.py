@@ -17,13 +17,15 @@ Every term is a sum over tokens, so the tokens can be taken C sequence positions
 :func:`head_loss` (the train step's path) scans over T/C chunks of [B, C] tokens and, because a
 and b are known before the backward pass, forms each chunk's gradients right after its logits,
 then drops the chunk's [B, C, V] arrays; its backward pass only scales the stored ∂x [B, T, D]
-and ∂W [D, V] by the loss's cotangent. ∂z itself is never written: with e_t = exp(z_t − max z_t),
+and ∂W [D, V] by the loss's cotangent. On CPU ∂z itself is never written: with e_t = exp(z_t − max z_t),
 s_t = Σ_v e_tv and r_t = (a_t + 2 b_t lse_t)/s_t, ∂z_t = r_t·e_t − a_t·onehot(y_t), so
 
     ∂x_t = r_t·(e_t Wᵀ) − a_t·W[:, y_t],   ∂W = Σ_t (r_t x_t)ᵀ e_t − Σ_t a_t x_t ⊗ onehot(y_t)
 
 -- both products read e directly, the row scales go on the narrow [B·C, D] operands, and the
-one-hot terms are a gather and a scatter-add of B·T columns of W / ∂W. That is the order of
+one-hot terms are a gather and a scatter-add of B·T columns of W / ∂W. Other platforms write
+∂z per chunk (a fused elementwise pass there), which stays local to each shard of a
+tensor-parallel vocab where the scatter would not. That is the order of
 Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024); Wijmans et al. 2024, "Cut Your Losses
 in Large-Vocabulary Language Models", goes further and never writes even a chunk's logits, with a
 custom kernel. Peak memory for the head falls from O(B·T·V) to O(B·C·V) with the three matmuls of
@@ -53,6 +55,8 @@ Example::
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -131,8 +135,13 @@ def head_loss(x, w, targets, a, b, chunk: int = 0):
     return _head_loss(x, w, targets, a, b, chunk)
 
 
-def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
-    """Chunk by chunk over the sequence: loss, nll [B, T] and, if ``grads``, (∂x, ∂W)."""
+def _sweep(x, w, targets, a, b, chunk: int, grads: bool, dense_onehot: bool = False):
+    """Chunk by chunk over the sequence: loss, nll [B, T] and, if ``grads``, (∂x, ∂W).
+
+    ``dense_onehot``: write ∂z per chunk (the one-hot term as an iota compare, local to each
+    vocab shard) instead of the gather/scatter after the scan, whose SPMD partitioning moves a
+    whole shard of ∂W between devices (all-to-all) when the vocab is sharded: the accelerator
+    form (:func:`_head_loss_fwd`)."""
     bsz, t, d = x.shape
     chunk = chunk if chunk and chunk < t else t
     if t % chunk:
@@ -155,6 +164,10 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
         # after the scan (_one_hot_part), so no [B, C, V] ∂z pass is written: both products read e.
         r = ((a_c + 2.0 * b_c * lse) / s).reshape(bsz * chunk)  # [B·C]
         e2 = e.reshape(bsz * chunk, -1).astype(x.dtype)  # [B·C, V]
+        if dense_onehot:  # ∂z written: e2 = ∂z, r = 1
+            is_target = y_c[..., None] == jnp.arange(z.shape[-1])  # [B, C, V] one-hot (iota)
+            dz = e * (r.reshape(bsz, chunk, 1)) - jnp.where(is_target, a_c[..., None], 0.0)
+            e2, r = dz.reshape(bsz * chunk, -1).astype(x.dtype), jnp.ones_like(r)  # [B·C, V]
         dx = r[:, None] * jnp.matmul(e2, w.T, preferred_element_type=jnp.float32)  # [B·C, D]
         dw_c = jnp.matmul((xt_c * r).astype(x.dtype), e2,
                           preferred_element_type=jnp.float32)  # [D, B·C] @ [B·C, V]
@@ -180,7 +193,8 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool):
         loss, nll, dx = loss.sum(), back(nll), back(dx) if grads else None
     if not grads:
         return loss, nll, None
-    dx, dw = _one_hot_part(x, w, targets, a, dx, dw)
+    if not dense_onehot:
+        dx, dw = _one_hot_part(x, w, targets, a, dx, dw)
     return loss, nll, (dx.astype(x.dtype), dw.astype(w.dtype))
 
 
@@ -196,7 +210,11 @@ def _one_hot_part(x, w, targets, a, dx, dw):
 
 
 def _head_loss_fwd(x, w, targets, a, b, chunk):
-    loss, nll, res = _sweep(x, w, targets, a, b, chunk, grads=True)
+    # CPU: ∂z never written (one [B·C, V] pass fewer per chunk); elsewhere the shard-local form
+    sweep = lambda dense, *args: _sweep(*args, chunk, True, dense)  # noqa: E731
+    loss, nll, res = jax.lax.platform_dependent(
+        x, w, targets, a, b, cpu=functools.partial(sweep, False),
+        default=functools.partial(sweep, True))
     return (loss, nll), res
 
 
