@@ -152,7 +152,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     (the same empty state) but with one scalar factor: optax divides every entry by the norm, a
     per-entry division that XLA:CPU does not repeat inside the two moment updates that read the
     clipped gradient, so it wrote the clipped gradients out first -- an extra pass over all of
-    them (the AdamW update alone: 28 -> 21 ms on the bench config, bench/RESULTS.md)."""
+    them (the AdamW update alone: 28 -> 21 ms on the bench config, bench/update_cost.py)."""
 
     def update(updates, state, params=None):
         del params

@@ -18,12 +18,13 @@ The logged ``lr`` is the one the update applied (:func:`jaxlm.optim.applied_lr`)
 Non-finite guard (``train.nonfinite``): a device-side flag ``finite = isfinite(loss) and
 isfinite(‖g‖₂)`` selects between the updated and the old params and optimizer state
 (``jnp.where``; on CPU a ``lax.cond``, see :func:`_guarded_update`), so a step with a NaN/inf
-loss or gradient leaves both unchanged — whatever the mode. The global norm (which clipping and the ``grad_norm`` metric need anyway) is finite exactly
-when every gradient entry is, except that a float32 sum of squares above ~3.4e38 (entries beyond
-~1e19) also counts as non-finite — such a gradient could not be clipped either; reading the norm
-instead of testing every entry saves a pass over the gradients. The loop counts such a step
-(``skip``) or stops the run (``stop``). The step counter still advances (the batch was consumed
-and the LR schedule moves on), so step N always means N batches read and resume stays exact.
+loss or gradient leaves both unchanged — whatever the mode. The global norm (which clipping and
+the ``grad_norm`` metric need anyway) is finite exactly when every gradient entry is, except
+that a float32 sum of squares above ~3.4e38 (entries beyond ~1e19) also counts as non-finite —
+such a gradient could not be clipped either; reading the norm instead of testing every entry
+saves a pass over the gradients. The loop counts such a step (``skip``) or stops the run
+(``stop``). The step counter still advances (the batch was consumed and the LR schedule moves
+on), so step N always means N batches read and resume stays exact.
 ``metrics["nonfinite"]`` is 1 for such a step.
 
 Example (see jaxlm/train/loop.py for the full wiring)::
@@ -133,8 +134,8 @@ def _guarded_update(tx, finite, params, grads, opt_state):
     (:func:`_update_select`). On CPU a ``lax.cond`` (:func:`_update_cond`): with the old state
     donated, XLA:CPU fused the select-guarded update so that the parameter update recomputed the
     moments from the *old* moments, which the moments' own in-place update then had to keep alive
-    as copies -- the AdamW update took 52 ms a step on the bench config under the select, 33 ms
-    under the cond (bench/RESULTS.md). A cond on GPU syncs its predicate to the host each step,
+    as copies -- the AdamW update took 43 ms a step on the bench config under the select, 28 ms
+    under the cond (bench/update_cost.py). A cond on GPU syncs its predicate to the host each step,
     so the other platforms keep the select."""
     return jax.lax.platform_dependent(finite, params, grads, opt_state,
                                       cpu=lambda *a: _update_cond(tx, *a),
