@@ -18,7 +18,7 @@ and prints the median ms of each and ``update_vs_one_pass=`` (cond_jaxlm / one_p
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import time
 
 import jax
@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from jaxlm.config import load_config
-from jaxlm.optim.build import clip_by_global_norm, decay_mask, make_schedule
+from jaxlm.optim.build import build_adamw
 from jaxlm.sharding import make_mesh
 from jaxlm.train.state import StateSpec, split_buffers
 from jaxlm.train.step import _update_cond, _update_select
@@ -42,12 +42,9 @@ def main(argv=None) -> dict:
     cfg = load_config(a.config, a.overrides)
     o = cfg.optim
 
-    def adamw_after(clip):
-        return optax.chain(clip(o.grad_clip), optax.adamw(
-            make_schedule(cfg.train), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-            mask=functools.partial(decay_mask, optim_cfg=o)))
-
-    tx_optax, tx_jaxlm = adamw_after(optax.clip_by_global_norm), adamw_after(clip_by_global_norm)
+    tx_jaxlm = build_adamw(cfg)  # jaxlm's clip, then AdamW
+    no_clip = dataclasses.replace(cfg, optim=dataclasses.replace(o, grad_clip=0.0))
+    tx_optax = optax.chain(optax.clip_by_global_norm(o.grad_clip), build_adamw(no_clip))
     spec = StateSpec.build(cfg, make_mesh(cfg.mesh), tx_jaxlm)
     params, _ = split_buffers(spec.init()["params"])
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)

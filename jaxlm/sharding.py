@@ -114,8 +114,7 @@ def logical_to_spec(names, rules=RULES) -> P:
     return P(*(rules[n] if n is not None else None for n in names))
 
 
-def axis_size(mesh, entry) -> int:
-    """Devices along a PartitionSpec entry (None, an axis name or a tuple of them)."""
+def _axis_size(mesh, entry) -> int:
     if entry is None:
         return 1
     axes = entry if isinstance(entry, tuple) else (entry,)
@@ -130,7 +129,7 @@ def fit_spec(spec: P, shape, mesh, what: str = "") -> P:
     """
     out = []
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        size = axis_size(mesh, entry)
+        size = _axis_size(mesh, entry)
         if size > 1 and dim % size:
             log.warning("%s: dim %d not divisible by mesh %s=%d; replicating it", what, dim,
                         entry, size)

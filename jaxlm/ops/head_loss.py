@@ -140,9 +140,9 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool, dense_onehot: bool = Fa
     """Chunk by chunk over the sequence: loss, nll [B, T] and, if ``grads``, (∂x, ∂W).
 
     ``dense_onehot``: write ∂z per chunk (the one-hot term as an iota compare, local to each
-    vocab shard) instead of the gather/scatter after the scan, whose SPMD partitioning moves a
-    whole shard of ∂W between devices (all-to-all) when the vocab is sharded: the accelerator
-    form (:func:`_head_loss_fwd`)."""
+    vocab shard) instead of the gather/scatter after the scan, which partitions into extra
+    collectives on a mesh of several devices: the accelerator / multi-device form
+    (:func:`_head_loss_fwd`)."""
     bsz, t, d = x.shape
     chunk = chunk if chunk and chunk < t else t
     if t % chunk:
@@ -160,18 +160,7 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool, dense_onehot: bool = Fa
         loss = jnp.sum(a_c * nll + b_c * jnp.square(lse))
         if not grads:
             return dw, (loss, nll, None)
-        # ∂z = r·e − a·onehot(y) with r = (a + 2b·lse)/s per row. The row scale r moves onto the
-        # narrow operands -- ∂x = r ⊙ (e Wᵀ), ∂W += (x ⊙ r)ᵀ e -- and the one-hot part is added
-        # after the scan (_one_hot_part), so no [B, C, V] ∂z pass is written: both products read e.
-        r = ((a_c + 2.0 * b_c * lse) / s).reshape(bsz * chunk)  # [B·C]
-        e2 = e.reshape(bsz * chunk, -1).astype(x.dtype)  # [B·C, V]
-        if dense_onehot:  # ∂z written: e2 = ∂z, r = 1
-            is_target = y_c[..., None] == jnp.arange(z.shape[-1])  # [B, C, V] one-hot (iota)
-            dz = e * (r.reshape(bsz, chunk, 1)) - jnp.where(is_target, a_c[..., None], 0.0)
-            e2, r = dz.reshape(bsz * chunk, -1).astype(x.dtype), jnp.ones_like(r)  # [B·C, V]
-        dx = r[:, None] * jnp.matmul(e2, w.T, preferred_element_type=jnp.float32)  # [B·C, D]
-        dw_c = jnp.matmul((xt_c * r).astype(x.dtype), e2,
-                          preferred_element_type=jnp.float32)  # [D, B·C] @ [B·C, V]
+        dx, dw_c = _chunk_grads(e, s, lse, y_c, a_c, b_c, xt_c, w, x.dtype, dense_onehot)
         return (dw_c if dw is None else dw + dw_c), (loss, nll, dx.reshape(bsz, chunk, d))
 
     # x laid out [N, D, B·C] for ∂W = Σ x_cᵀ ∂z_c, so each product contracts the lhs's last dim:
@@ -197,6 +186,29 @@ def _sweep(x, w, targets, a, b, chunk: int, grads: bool, dense_onehot: bool = Fa
     if not dense_onehot:
         dx, dw = _one_hot_part(x, w, targets, a, dx, dw)
     return loss, nll, (dx.astype(x.dtype), dw.astype(w.dtype))
+
+
+def _chunk_grads(e, s, lse, y_c, a_c, b_c, xt_c, w, dtype, dense_onehot: bool):
+    """One chunk's ∂x [B·C, D] and ∂W contribution [D, V] from e = exp(z − m) [B, C, V].
+
+    ∂z = r·e − a·onehot(y) with r = (a + 2b·lse)/s per row. CPU form: the row scale r moves onto
+    the narrow operands -- ∂x = r ⊙ (e Wᵀ), ∂W_c = (x ⊙ r)ᵀ e -- and the one-hot part is added
+    after the scan (:func:`_one_hot_part`), so no [B, C, V] ∂z pass is written: both products
+    read e. ``dense_onehot``: ∂z written, the one-hot part by an iota compare."""
+    bsz, chunk = y_c.shape
+    r = (a_c + 2.0 * b_c * lse) / s  # [B, C]
+    if dense_onehot:
+        is_target = y_c[..., None] == jnp.arange(e.shape[-1])  # [B, C, V] one-hot (iota)
+        dz = (e * r[..., None] - jnp.where(is_target, a_c[..., None], 0.0)).astype(dtype)
+        dz = dz.reshape(bsz * chunk, -1)  # [B·C, V]
+        dx = jnp.matmul(dz, w.T, preferred_element_type=jnp.float32)  # [B·C, D]
+        return dx, jnp.matmul(xt_c, dz, preferred_element_type=jnp.float32)  # [D, V]
+    r = r.reshape(bsz * chunk)  # [B·C]
+    e2 = e.reshape(bsz * chunk, -1).astype(dtype)  # [B·C, V]
+    dx = r[:, None] * jnp.matmul(e2, w.T, preferred_element_type=jnp.float32)  # [B·C, D]
+    dw_c = jnp.matmul((xt_c * r).astype(dtype), e2,
+                      preferred_element_type=jnp.float32)  # [D, B·C] @ [B·C, V]
+    return dx, dw_c
 
 
 def _one_hot_part(x, w, targets, a, dx, dw):
