@@ -71,3 +71,25 @@ def initialize(cfg: Config) -> None:
     log.info("distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(),
              jax.device_count())
+
+
+ERROR_BYTES = 2048  # room for one error line (longer ones are cut)
+
+
+def primary_outcome(error: str) -> str:
+    """Process 0's ``error`` ("" = success) on every process of the job; ``error`` itself when
+    there is one process.
+
+    For a step only the primary process does (e.g. take the out_dir lock): everyone calls this
+    right after it, and all of them then stop with the primary's one-line error instead of the
+    others running on into a collective that the primary never joins (a gloo/coordination-service
+    timeout, a traceback, long after the real error). The text travels as a fixed-size uint8
+    array through :func:`jax.experimental.multihost_utils.broadcast_one_to_all`."""
+    if jax.process_count() == 1:
+        return error
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    raw = error.encode()[:ERROR_BYTES].ljust(ERROR_BYTES, b"\0")
+    got = multihost_utils.broadcast_one_to_all(np.frombuffer(raw, np.uint8))
+    return bytes(np.asarray(got, np.uint8)).rstrip(b"\0").decode(errors="replace")

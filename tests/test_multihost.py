@@ -132,8 +132,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp, name, overrides, n=2, timeout=420, during=None):
-    """Run ``jaxlm.cli train`` as ``n`` processes of one job; return each one's row reads.
+def launch(tmp, name, overrides, n=2, timeout=420, during=None, want_rc=0):
+    """Run ``jaxlm.cli train`` as ``n`` processes of one job, each to exit with ``want_rc``;
+    return each one's row reads.
 
     ``during(procs)`` is polled while they run until it returns True (e.g. to signal one).
     Every child runs in its own session; all are killed if one fails or time runs out.
@@ -152,12 +153,12 @@ def launch(tmp, name, overrides, n=2, timeout=420, during=None):
                                           stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
-            assert all(p.poll() in (None, 0) for p in procs), "a child failed"
+            assert all(p.poll() in (None, want_rc) for p in procs), "a child failed"
             assert time.monotonic() < deadline, f"timed out after {timeout} s"
             if during is not None and during(procs):
                 during = None
             time.sleep(0.2)
-        assert all(p.returncode == 0 for p in procs)
+        assert all(p.returncode == want_rc for p in procs)
     except AssertionError as e:
         tails = [(tmp / f"{name}.{i}.log").read_text()[-3000:] for i in range(len(procs))]
         raise AssertionError(f"{e}; rc={[p.poll() for p in procs]}\n" + "\n----\n".join(tails))
@@ -251,3 +252,22 @@ def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
             assert json.load(f) == {"next_index": stopped}
     launch(tmp_path, "resume", run + [f"train.stop_at={stopped + 2}"])
     assert max(curve(out)[0]) == stopped + 2
+
+
+@pytest.mark.slow
+def test_a_held_out_dir_stops_every_process_with_the_one_line_error(tmp_path):
+    """Another run holds out_dir's lock: the job's primary is refused, and its other process
+    stops with the same one-line error at once -- not ~30 s later with a coordination-service
+    timeout traceback from the first collective the primary never joined."""
+    from jaxlm.train.lock import acquire_run_lock
+
+    out = tmp_path / "held"
+    holder = acquire_run_lock(str(out), primary=True)
+    try:
+        launch(tmp_path, "held", RUN + ["mesh.data=2", "mesh.fsdp=4", f"out_dir={out}"],
+               timeout=25, want_rc=2)
+    finally:
+        holder.release()
+    for i in range(2):
+        last = (tmp_path / f"held.{i}.log").read_text().strip().splitlines()[-1]
+        assert last.startswith(f"error: out_dir {out} is in use by another jaxlm-train"), last

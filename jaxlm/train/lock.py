@@ -33,8 +33,9 @@ Shared filesystems (what is and is not guaranteed):
 
 Multi-host runs: every process of one job shares the out_dir, so only the primary process
 (``jax.process_index() == 0``) takes the lock (``primary=True``); the other processes get an
-inert handle. A second *job* is refused by its primary; its other processes then stop when the
-job's collectives fail, as with any primary-side error.
+inert handle. A second *job* is refused by its primary, and the training loop hands that refusal
+to its other processes (:func:`jaxlm.distributed.primary_outcome`), so every process of the job
+ends with the same one-line error at once.
 
 Example::
 

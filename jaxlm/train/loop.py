@@ -51,7 +51,7 @@ from jaxlm.config import Config, ConfigError, to_yaml
 from jaxlm.data import make_data_source
 from jaxlm.optim import build_optimizer
 from jaxlm.sharding import host_to_global, make_mesh
-from jaxlm.distributed import is_primary
+from jaxlm.distributed import is_primary, primary_outcome
 from jaxlm.ops import attention_kernels
 from jaxlm.train.checkpoint import Checkpointer, reason
 from jaxlm.train.compat import check_compatible, describe_changes
@@ -154,8 +154,18 @@ def describe(cfg: Config, mesh, spec: StateSpec) -> None:
 @contextlib.contextmanager
 def own_out_dir(cfg: Config):
     """Create ``out_dir``, hold its one-writer lock (jaxlm/train/lock.py: a second jaxlm-train on
-    it is a one-line error) and open its checkpoint manager for the duration of the run."""
-    lock = acquire_run_lock(cfg.out_dir, primary=is_primary())
+    it is a one-line error, on every process of a multi-host job) and open its checkpoint manager
+    for the duration of the run."""
+    lock, error = None, ""
+    try:
+        lock = acquire_run_lock(cfg.out_dir, primary=is_primary())
+    except ConfigError as e:
+        error = str(e)
+    error = primary_outcome(error)  # multi-host: every process stops on the primary's refusal
+    if error:
+        if lock is not None:
+            lock.release()
+        raise ConfigError(error)
     try:
         yield Checkpointer(cfg.out_dir, cfg.ckpt)
     finally:
