@@ -271,3 +271,16 @@ def test_a_held_out_dir_stops_every_process_with_the_one_line_error(tmp_path):
     for i in range(2):
         last = (tmp_path / f"held.{i}.log").read_text().strip().splitlines()[-1]
         assert last.startswith(f"error: out_dir {out} is in use by another jaxlm-train"), last
+
+
+@pytest.mark.slow
+def test_a_primary_write_error_stops_every_process_with_the_one_line_error(tmp_path):
+    """Only process 0 writes config.yaml; when it cannot (here a directory is in the way) the
+    other process stops with the same one-line error instead of waiting in the first collective."""
+    out = tmp_path / "unwritable"
+    (out / "config.yaml").mkdir(parents=True)
+    launch(tmp_path, "unwritable", RUN + ["mesh.data=2", "mesh.fsdp=4", f"out_dir={out}"],
+           timeout=120, want_rc=2)
+    for i in range(2):
+        last = (tmp_path / f"unwritable.{i}.log").read_text().strip().splitlines()[-1]
+        assert last.startswith(f"error: cannot write to out_dir {out}: "), last

@@ -196,15 +196,17 @@ def restore_or_init(cfg: Config, spec: StateSpec, ckpt: Checkpointer, train_iter
         state = init_state(cfg, spec)
     else:
         state = spec.init()
-    latest = found.step if found else None
+    latest, error = (found.step if found else None), ""
     if is_primary():
         try:
             trim_metrics(cfg.out_dir, latest or 0)  # fresh start: drop a crashed run's lines
             _write_atomic(os.path.join(cfg.out_dir, "config.yaml"), to_yaml(cfg))
         except OSError as e:
-            ckpt.abort()
-            raise ConfigError(f"cannot write to out_dir {cfg.out_dir}: {reason(e)}; choose a "
-                              "writable out_dir") from None
+            error = f"cannot write to out_dir {cfg.out_dir}: {reason(e)}; choose a writable out_dir"
+    error = primary_outcome(error)  # multi-host: the other processes stop with the primary
+    if error:
+        ckpt.abort()
+        raise ConfigError(error)
     return state, latest
 
 
