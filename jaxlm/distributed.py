@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import numpy as np
 
 from jaxlm.config import Config, ConfigError
 
@@ -87,7 +88,6 @@ def primary_outcome(error: str) -> str:
     array through :func:`jax.experimental.multihost_utils.broadcast_one_to_all`."""
     if jax.process_count() == 1:
         return error
-    import numpy as np
     from jax.experimental import multihost_utils
 
     raw = error.encode()[:ERROR_BYTES].ljust(ERROR_BYTES, b"\0")

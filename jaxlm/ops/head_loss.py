@@ -57,7 +57,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -225,10 +224,10 @@ def _one_hot_part(x, w, targets, a, dx, dw):
 def _head_loss_fwd(x, w, targets, a, b, chunk):
     # one CPU device: ∂z never written (one [B·C, V] pass fewer per chunk); elsewhere the
     # shard-local form
-    sweep = lambda dense, *args: _sweep(*args, chunk, True, dense)  # noqa: E731
+    sweep = functools.partial(_sweep, chunk=chunk, grads=True)
     loss, nll, res = jax.lax.platform_dependent(
-        x, w, targets, a, b, cpu=functools.partial(sweep, _multi_device()),
-        default=functools.partial(sweep, True))
+        x, w, targets, a, b, cpu=functools.partial(sweep, dense_onehot=_multi_device()),
+        default=functools.partial(sweep, dense_onehot=True))
     return (loss, nll), res
 
 
@@ -238,7 +237,7 @@ def _multi_device() -> bool:
     XLA:CPU, running independent collectives side by side on fake devices, could deadlock on
     them (a rendezvous timeout in tests/test_precision.py, ~1 run in 4)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and math.prod(mesh.shape.values()) > 1
+    return not mesh.empty and mesh.size > 1
 
 
 def _head_loss_bwd(chunk, res, cotangents):

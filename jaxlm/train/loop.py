@@ -162,9 +162,7 @@ def own_out_dir(cfg: Config):
     except ConfigError as e:
         error = str(e)
     error = primary_outcome(error)  # multi-host: every process stops on the primary's refusal
-    if error:
-        if lock is not None:
-            lock.release()
+    if error:  # nothing to release: the primary holds no lock, the others an inert handle
         raise ConfigError(error)
     try:
         yield Checkpointer(cfg.out_dir, cfg.ckpt)
