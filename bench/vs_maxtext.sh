@@ -50,8 +50,8 @@ if [ -n "${THP:-}" ]; then export GLIBC_TUNABLES=glibc.malloc.hugetlb=1; fi
 source "$(dirname "${BASH_SOURCE[0]}")/maxtext_env.sh" || exit 1
 "$PY" -c "import jax, maxtext, jaxlm; print('== jax', jax.__version__, '| maxtext', \
 maxtext.__file__.rsplit('/', 2)[0], '| jaxlm', jaxlm.__file__.rsplit('/', 2)[0])"
-# the CPU the ratio was measured on: it depends on the core generation (bench/RESULTS.md: ~1.97x on
-# a 2-core AMD Zen 4 box, cpu family 25; 3.06-3.19x on a Zen 5 one, family 26, same code)
+# the CPU the ratio was measured on: with the same code it depends on the core generation
+# (bench/RESULTS.md, "Ninth session"), so every run names it
 awk -F': *' '/^model name/{m=$2} /^cpu family/{f=$2} /^model\t/{n=$2} /^processor/{c++}
   END{printf "== cpu: %s (family %s, model %s), %d logical CPUs\n", m, f, n, c}' /proc/cpuinfo
 
